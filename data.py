@@ -1,0 +1,259 @@
+"""WikiAnn NER data: reading (hub or local CoNLL/TSV files), sub-word label alignment,
+length-bucketed batches, priming tasks, and a synthetic generator for tests and the smoke preset.
+
+    python data.py --data-dir ../shared/wikiann --langs en es hi   # check local files, print sizes
+    python data.py --synthetic --langs hi --show 2                 # peek at synthetic sentences
+
+Sources: `load_split(lang, split)` reads the hub's `unimelb-nlp/wikiann` (parquet; needs network),
+`load_split(lang, split, data_dir=D)` reads D/<lang>/<split>.tsv (one `TOKEN<TAB>TAG` per line, blank
+line between sentences; a space-separated .conll file works too), `synthetic=True` generates data.
+"""
+import argparse
+import os
+import random
+import socket
+import sys
+import zlib
+
+import torch
+
+LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]  # hub wikiann label ids 0..6
+LABEL2ID = {tag: i for i, tag in enumerate(LABELS)}
+SPLITS = ("train", "validation", "test")
+HUB_DATASET = "unimelb-nlp/wikiann"
+
+
+class DataError(Exception):
+    """Bad or missing input. The message is one line meant for the user; scripts exit 2 on it."""
+
+
+# ----------------------------------------------------------------------------- reading
+def read_conll(path, lang=None):
+    """Sentences of a CoNLL-style file as [(tokens, tags)]: `TOKEN<TAB>TAG` (or space-separated)
+    per line, sentences separated by blank lines. A `<lang>:` prefix on tokens (raw PAN-X files,
+    e.g. `en:Paris`) is stripped when `lang` is given. An I- tag after O is accepted as is: IOB2 data has such tags and seqeval scores
+    them as entity starts."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})")
+    sentences, tokens, tags = [], [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.rstrip()
+        if not line:
+            if tokens:
+                sentences.append((tokens, tags))
+                tokens, tags = [], []
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        if len(cols) != 2:
+            raise DataError(f"{path}:{lineno}: expected 2 columns (TOKEN<TAB>TAG), found {len(cols)}: {line[:60]!r}")
+        token, tag = cols[0].strip(), cols[1].strip()
+        if lang and token.startswith(lang + ":") and len(token) > len(lang) + 1:
+            token = token[len(lang) + 1:]
+        if not token:
+            raise DataError(f"{path}:{lineno}: empty token")
+        if tag not in LABEL2ID:
+            raise DataError(f"{path}:{lineno}: unknown tag {tag!r}; allowed: {' '.join(LABELS)}")
+        tokens.append(token)
+        tags.append(tag)
+    if tokens:
+        sentences.append((tokens, tags))
+    if not sentences:
+        raise DataError(f"{path}: no sentences (empty file)")
+    return sentences
+
+
+def hub_reachable(timeout=3.0):
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_split(lang, split, data_dir=None, synthetic=False, limit=None):
+    """The first `limit` sentences (all if None) of one split as [(tokens, tags)]."""
+    if synthetic:
+        sentences = synthetic_split(lang, split)
+    elif data_dir:
+        lang_dir = os.path.join(data_dir, lang)
+        if not os.path.isdir(lang_dir):
+            found = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d))) if os.path.isdir(data_dir) else None
+            raise DataError(f"{lang_dir}: no such language directory" + (f"; found: {' '.join(found) or 'none'}" if found is not None else f" ({data_dir} does not exist)"))
+        candidates = [os.path.join(lang_dir, split + ext) for ext in (".tsv", ".conll", ".txt")]
+        path = next((p for p in candidates if os.path.isfile(p)), None)
+        if path is None:
+            raise DataError(f"{lang_dir}: no {split}.tsv/.conll/.txt; found: {' '.join(sorted(os.listdir(lang_dir))) or 'nothing'}")
+        sentences = read_conll(path, lang)
+    else:
+        if not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
+            raise DataError(f"the Hugging Face hub is unreachable (offline?), so {HUB_DATASET}/{lang} cannot be downloaded; "
+                            "use local files: --data-dir DIR with DIR/<lang>/{train,validation,test}.tsv (e.g. ../shared/wikiann), "
+                            "or --preset mini / --synthetic")
+        import datasets  # imported lazily: slow, and unused with local files
+
+        ds = datasets.load_dataset(HUB_DATASET, lang, split=split)
+        names = ds.features["ner_tags"].feature.names
+        assert names == LABELS, f"hub label set {names} differs from {LABELS}"
+        sentences = [(list(t), [LABELS[i] for i in g]) for t, g in zip(ds["tokens"], ds["ner_tags"])]
+    return sentences[:limit] if limit else sentences
+
+
+# ----------------------------------------------------------------------------- tokenization
+def encode(sentences, tokenizer, max_len):
+    """Tokenize word lists; the first sub-word of each word carries its label, all else -100.
+    Words with no sub-word inside `max_len` (long sentences, or words the tokenizer drops) are
+    kept in `words`/`tags`: prediction fills them with O so they still count in the F1."""
+    enc = tokenizer([tokens for tokens, _ in sentences], is_split_into_words=True,
+                    truncation=True, max_length=max_len)
+    examples = []
+    for i, (tokens, tags) in enumerate(sentences):
+        labels, first, prev = [], [], None
+        for pos, w in enumerate(enc.word_ids(i)):
+            if w is not None and w != prev:
+                labels.append(LABEL2ID[tags[w]])
+                first.append((pos, w))
+            else:
+                labels.append(-100)
+            prev = w
+        examples.append({"input_ids": enc["input_ids"][i], "labels": labels, "first": first,
+                         "tokens": tokens, "tags": tags})
+    return examples
+
+
+def unscored_words(examples):
+    """Words that got no sub-word position (beyond max_len or tokenized to nothing)."""
+    return sum(len(ex["tokens"]) - len(ex["first"]) for ex in examples)
+
+
+def collate(examples, pad_id, device=None):
+    width = max(len(ex["input_ids"]) for ex in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids[i, :n] = torch.tensor(ex["input_ids"])
+        labels[i, :n] = torch.tensor(ex["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def batches(examples, batch_size, pad_id, shuffle=False, seed=0, device=None):
+    """Yield (indices, batch) with batches of similar lengths (less padding).
+    shuffle=False: sorted by length, for evaluation. shuffle=True: random pools of 50 batches are
+    sorted by length, cut into batches, and the batches are shuffled."""
+    order = list(range(len(examples)))
+    length = lambda i: len(examples[i]["input_ids"])
+    if shuffle:
+        rng = random.Random(seed)
+        rng.shuffle(order)
+        pool = 50 * batch_size
+        order = [i for k in range(0, len(order), pool) for i in sorted(order[k:k + pool], key=length)]
+        chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+        rng.shuffle(chunks)
+    else:
+        order.sort(key=length)
+        chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    for idx in chunks:
+        yield idx, collate([examples[i] for i in idx], pad_id, device)
+
+
+# ----------------------------------------------------------------------------- priming tasks
+def meta_batches(examples_by_lang, support_size, query_size, seed):
+    """One epoch of priming meta-batches. A task is a (support, query) pair of disjoint example lists
+    drawn from ONE source language; a meta-batch holds one task per source language (in the given
+    order). Each language is shuffled once per epoch and cut into consecutive support+query
+    chunks; the epoch ends when the smallest language runs out. (The paper does not say how tasks
+    are built; this is our choice.)"""
+    rng = random.Random(seed)
+    shuffled = {}
+    for lang, examples in examples_by_lang.items():
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        shuffled[lang] = [examples[i] for i in order]
+    size = support_size + query_size
+    steps = min(len(ex) for ex in shuffled.values()) // size
+    for k in range(steps):
+        yield [(ex[k * size: k * size + support_size], ex[k * size + support_size: (k + 1) * size])
+               for ex in shuffled.values()]
+
+
+def steps_per_epoch(examples_by_lang, support_size, query_size):
+    return min(len(ex) for ex in examples_by_lang.values()) // (support_size + query_size)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+SYNTHETIC_SIZES = {"train": 1000, "validation": 200, "test": 200}
+_COMMON, _NAME, _VOWELS = "bdfgkh", "lmnprstvz", "aeiou"  # consonants of common words / of names
+
+
+def _word(rng, consonants, syllables):
+    return "".join(rng.choice(consonants) + rng.choice(_VOWELS) for _ in range(rng.randint(*syllables)))
+
+
+def synthetic_split(lang, split):
+    """A deterministic fake language `lang`: lowercase words of consonant-vowel syllables (names use
+    other consonants than common words, a stand-in for capitalisation), a lexicon of its own (some
+    names shared by every language, as real names are), and context cues: a title word before persons
+    (B-PER [I-PER]), a preposition before locations (B-LOC [I-LOC]), a suffix word closing
+    organisations (B-ORG I-ORG)."""
+    lex = random.Random(f"lexicon:{zlib.crc32(lang.encode())}")
+    shared = random.Random("lexicon:shared")
+    words = [_word(lex, _COMMON, (1, 2)) for _ in range(60)]
+    names = [_word(shared, _NAME, (2, 3)) for _ in range(20)] + [_word(lex, _NAME, (2, 3)) for _ in range(40)]
+    title, prep, suffix = (_word(lex, _COMMON, (n, n)) for n in (2, 1, 2))
+    rng = random.Random(f"{lang}/{split}")
+    sentences = []
+    for _ in range(SYNTHETIC_SIZES[split]):
+        tokens, tags = [], []
+        for _ in range(rng.randint(1, 3)):
+            for _ in range(rng.randint(1, 4)):
+                tokens.append(rng.choice(words))
+                tags.append("O")
+            kind = rng.choice(["PER", "LOC", "ORG"])
+            entity = [rng.choice(names) for _ in range(rng.randint(1, 2))]
+            if kind == "PER":
+                tokens.append(title)
+                tags.append("O")
+            elif kind == "LOC":
+                tokens.append(prep)
+                tags.append("O")
+            else:
+                entity.append(suffix)
+            tokens += entity
+            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(entity) - 1)
+        sentences.append((tokens, tags))
+    return sentences
+
+
+def add_data_args(parser):
+    g = parser.add_argument_group("data source (default: the Hugging Face hub)")
+    g.add_argument("--data-dir", default=os.environ.get("WIKIANN_DIR"),
+                   help="local WikiAnn: DIR/<lang>/{train,validation,test}.tsv (env WIKIANN_DIR)")
+    g.add_argument("--synthetic", action="store_true", help="deterministic synthetic NER data (smoke tests)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    p.add_argument("--langs", nargs="+", default=["en", "es", "hi", "af", "az", "lt", "et", "nl"])
+    p.add_argument("--show", type=int, default=0, help="print the first N training sentences")
+    args = p.parse_args()
+    try:
+        for lang in args.langs:
+            counts = {s: load_split(lang, s, args.data_dir, args.synthetic) for s in SPLITS}
+            print(lang, " ".join(f"{s}={len(v)}" for s, v in counts.items()))
+            for tokens, tags in counts["train"][:args.show]:
+                print("  " + " ".join(f"{t}/{g}" for t, g in zip(tokens, tags)))
+    except DataError as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

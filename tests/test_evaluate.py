@@ -1,0 +1,74 @@
+"""Entity-level F1 on hand-checked cases; the Table 1 aggregation on hand-made result files."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import evaluate
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("gold, pred, expected", [
+    # PER matches; LOC predicted as ORG: 1 TP, 1 FP, 1 FN -> P = R = F = 50
+    ([["B-PER", "I-PER", "O", "B-LOC"]], [["B-PER", "I-PER", "O", "B-ORG"]], (50.0, 50.0, 50.0)),
+    # a boundary error is a miss and a false alarm: no credit for partial spans
+    ([["B-ORG", "I-ORG", "I-ORG"]], [["B-ORG", "I-ORG", "O"]], (0.0, 0.0, 0.0)),
+    # conlleval: an I- tag after O starts an entity, so I-PER I-PER equals B-PER I-PER
+    ([["O", "I-PER", "I-PER", "O"]], [["O", "B-PER", "I-PER", "O"]], (100.0, 100.0, 100.0)),
+    # micro average over sentences: gold LOC PER ORG, predicted LOC ORG PER(spurious) -> 2/3, 2/3
+    ([["B-LOC", "O", "B-PER"], ["B-ORG", "I-ORG"], ["O"]], [["B-LOC", "O", "O"], ["B-ORG", "I-ORG"], ["B-PER"]],
+     (200 / 3, 200 / 3, 200 / 3)),
+    # 2 gold entities, 1 predicted and right: P = 100, R = 50, F = 66.67
+    ([["B-PER", "O", "B-LOC", "I-LOC"]], [["B-PER", "O", "O", "O"]], (100.0, 50.0, 200 / 3)),
+])
+def test_entity_f1_hand_checked(gold, pred, expected):
+    s = evaluate.entity_scores(gold, pred)
+    assert (s["precision"], s["recall"], s["f1"]) == pytest.approx(expected)
+
+
+def test_read_predictions(tmp_path):
+    p = tmp_path / "p.conll"
+    p.write_text("Anna B-PER B-PER\nsings O O\n\nin O O\nOslo B-LOC O\n")
+    assert evaluate.read_predictions(p) == ([["B-PER", "O"], ["O", "B-LOC"]], [["B-PER", "O"], ["O", "O"]])
+
+
+def test_embedded_paper_table_matches_the_paper_csv():
+    path = os.path.join(ROOT, "..", "shared", "paper", "table1.csv")
+    if not os.path.exists(path):
+        pytest.skip("../shared/paper/table1.csv not present")
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            s = int(row["setting"])
+            assert evaluate.SETTINGS[s] == row["name"]
+            assert evaluate.PAPER[s] == {lang: float(row[lang]) for lang in evaluate.TARGETS}
+
+
+def write_result(run_dir, setting, lang, seed, f1):
+    d = os.path.join(run_dir, "finetune", f"s{setting}", lang, f"seed{seed}")
+    os.makedirs(d)
+    with open(os.path.join(d, "result.json"), "w") as f:
+        json.dump({"setting": setting, "lang": lang, "seed": seed, "test_f1": f1}, f)
+
+
+def test_table_mean_std_average_and_paper_delta(tmp_path):
+    for seed, (hi, af) in {1: (80.0, 88.0), 2: (82.0, 90.0)}.items():
+        write_result(str(tmp_path), 4, "hi", seed, hi)
+        write_result(str(tmp_path), 4, "af", seed, af)
+    write_result(str(tmp_path), 3, "hi", 1, 70.0)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    with open(tmp_path / "table1.csv") as f:
+        rows = {(r["setting"], r["lang"]): r for r in csv.DictReader(f)}
+    assert rows[("4", "hi")]["mean_f1"] == "81.00" and rows[("4", "hi")]["std_f1"] == "1.41"
+    assert rows[("4", "hi")]["paper_f1"] == "81.25" and rows[("4", "hi")]["delta"] == "-0.25"
+    # average: per seed (80+88)/2 = 84 and (82+90)/2 = 86 -> 85 +- 1.41; paper (81.25+88.23)/2 = 84.74
+    assert (rows[("4", "avg")]["mean_f1"], rows[("4", "avg")]["std_f1"], rows[("4", "avg")]["paper_f1"]) == ("85.00", "1.41", "84.74")
+    assert rows[("3", "hi")]["std_f1"] == "" and rows[("3", "hi")]["n_seeds"] == "1"
+    assert ("3", "af") not in rows and ("3", "avg") not in rows  # no result for af: no average either
+    md = (tmp_path / "table1.md").read_text()
+    assert "| 4 | Meta Priming -> AT | 81.00 ± 1.41 (81.25, -0.25) | 89.00 ± 1.41 (88.23, +0.77) | 85.00 ± 1.41 (84.74, +0.26) | 2 |" in md
+    assert "| 3 | AT | 70.00 (77.76, -7.76) | - | - | 1 |" in md
+    assert md in out.replace("\r", "")

