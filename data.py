@@ -146,23 +146,27 @@ def collate(examples, pad_id, device=None):
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def batches(examples, batch_size, pad_id, shuffle=False, seed=0, device=None):
-    """Yield (indices, batch) with batches of similar lengths (less padding).
-    shuffle=False: sorted by length, for evaluation. shuffle=True: random pools of 50 batches are
-    sorted by length, cut into batches, and the batches are shuffled."""
+def batch_indices(examples, batch_size, shuffle=False, seed=0):
+    """Index lists of batches of similar lengths (less padding). shuffle=False: sorted by length,
+    for evaluation. shuffle=True: random pools of 50 batches are sorted by length, cut into batches,
+    and the batches are shuffled."""
     order = list(range(len(examples)))
     length = lambda i: len(examples[i]["input_ids"])
-    if shuffle:
-        rng = random.Random(seed)
-        rng.shuffle(order)
-        pool = 50 * batch_size
-        order = [i for k in range(0, len(order), pool) for i in sorted(order[k:k + pool], key=length)]
-        chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-        rng.shuffle(chunks)
-    else:
+    if not shuffle:
         order.sort(key=length)
-        chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    for idx in chunks:
+        return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    pool = 50 * batch_size
+    order = [i for k in range(0, len(order), pool) for i in sorted(order[k:k + pool], key=length)]
+    chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    rng.shuffle(chunks)
+    return chunks
+
+
+def batches(examples, batch_size, pad_id, shuffle=False, seed=0, device=None):
+    """Yield (indices, padded batch) over `batch_indices`."""
+    for idx in batch_indices(examples, batch_size, shuffle, seed):
         yield idx, collate([examples[i] for i in idx], pad_id, device)
 
 
@@ -239,7 +243,6 @@ def add_data_args(parser):
     g.add_argument("--data-dir", default=os.environ.get("WIKIANN_DIR"),
                    help="local WikiAnn: DIR/<lang>/{train,validation,test}.tsv (env WIKIANN_DIR)")
     g.add_argument("--synthetic", action="store_true", help="deterministic synthetic NER data (smoke tests)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ PAPER = {s: dict(zip(TARGETS, v)) for s, v in PAPER.items()}
 def entity_scores(gold, pred):
     """Micro precision/recall/F1 (in %) over entities; gold and pred are lists of IOB2 tag lists."""
     assert len(gold) == len(pred) and all(len(g) == len(p) for g, p in zip(gold, pred)), "length mismatch"
-    return {"precision": 100 * precision_score(gold, pred), "recall": 100 * recall_score(gold, pred),
-            "f1": 100 * f1_score(gold, pred)}
+    kw = {"zero_division": 0}  # no entity predicted (or none in gold): 0, silently
+    return {"precision": 100 * precision_score(gold, pred, **kw), "recall": 100 * recall_score(gold, pred, **kw),
+            "f1": 100 * f1_score(gold, pred, **kw)}
 
 
 def read_predictions(path):

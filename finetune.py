@@ -15,6 +15,7 @@ batch 32, dev-selected epoch; full FT lr 5e-5 for 5 epochs (the usual BERT recip
 tuning lr 1e-3 for 10 epochs (~100k new parameters learn slowly at BERT's lr). 3-7 share one recipe.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -25,9 +26,10 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from data import LABELS, DataError, add_data_args, batches, encode, load_split, unscored_words
+from data import LABELS, DataError, add_data_args, batch_indices, batches, collate, encode, load_split, unscored_words
 from evaluate import SETTINGS, entity_scores
-from model import ModelError, group_of, is_checkpoint, load_tagger, save_checkpoint, set_trainable, tagging_loss, write_json
+from model import (ModelError, add_runtime_args, group_of, is_checkpoint, load_tagger, precision, save_checkpoint,
+                   set_trainable, tagging_loss, write_json)
 
 ALIASES = {"full": 1, "ht": 2, "head": 2, "at": 3, "adapter": 3, "meta": 4, "ft-priming": 5, "maml": 6, "one-step": 7}
 TRAINABLE = {1: ("body", "head"), 2: ("head",), **{s: ("adapter", "head") for s in range(3, 8)}}
@@ -65,7 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--dev-size", type=int, default=None, help="first N validation sentences (all)")
     p.add_argument("--test-size", type=int, default=None, help="first N test sentences (all)")
     p.add_argument("--save-model", action="store_true", help="also save the trained groups (safetensors)")
+    p.add_argument("--cache-body", action="store_true",
+                   help="settings 2-7: run the frozen body once, in eval mode (no dropout in the body), and train "
+                        "adapter+head on its cached outputs for every epoch and seed")
     add_data_args(p)
+    add_runtime_args(p)
     args = p.parse_args(argv)
     recipe = RECIPES["full" if args.setting == 1 else "pe"]
     args.lr = args.lr if args.lr is not None else recipe["lr"]
@@ -96,67 +102,111 @@ def reset_new_groups(model, setting, seed):
 
 
 @torch.no_grad()
-def predict(model, examples, batch_size, pad_id):
-    """Word-level IOB2 tags per sentence; words without a sub-word position are tagged O."""
-    model.eval()
-    preds = [["O"] * len(ex["tokens"]) for ex in examples]
-    for idx, batch in batches(examples, batch_size, pad_id, device=next(model.parameters()).device):
-        best = model(batch["input_ids"], batch["attention_mask"]).argmax(-1).tolist()
+def word_features(model, examples, pad_id, batch_size=128, bf16=False):
+    """The frozen body's output (eval mode: no dropout) at each word's first sub-word, per example
+    ([words_i, hidden]), with the matching labels. Adapter and head act per position, so training
+    and prediction can run on these alone."""
+    model.body.eval()
+    device = next(model.parameters()).device
+    feats = [None] * len(examples)
+    for idx, batch in batches(examples, batch_size, pad_id, device=device):
+        with precision(device, bf16):
+            h = model.features(batch["input_ids"], batch["attention_mask"])
         for row, i in enumerate(idx):
-            for pos, w in examples[i]["first"]:
-                preds[i][w] = LABELS[best[row][pos]]
+            feats[i] = h[row, [pos for pos, _ in examples[i]["first"]]]
+    labels = [torch.tensor([l for l in ex["labels"] if l != -100], device=device) for ex in examples]
+    return {"features": feats, "labels": labels}
+
+
+@torch.no_grad()
+def predict(model, examples, pad_id, batch_size=128, bf16=False, cache=None):
+    """Word-level IOB2 tags per sentence; words without a sub-word position are tagged O.
+    With `cache` (from word_features) only adapter+head run."""
+    model.eval()
+    device = next(model.parameters()).device
+    preds = [["O"] * len(ex["tokens"]) for ex in examples]
+    for idx in batch_indices(examples, batch_size):
+        with precision(device, bf16):
+            if cache is None:
+                batch = collate([examples[i] for i in idx], pad_id, device)
+                best = model(batch["input_ids"], batch["attention_mask"]).argmax(-1).tolist()
+                rows = [[best[row][pos] for pos, _ in examples[i]["first"]] for row, i in enumerate(idx)]
+            else:
+                best = model(features=torch.cat([cache["features"][i] for i in idx])).argmax(-1).tolist()
+                ends = list(itertools.accumulate(len(examples[i]["first"]) for i in idx))
+                rows = [best[e - len(examples[i]["first"]):e] for e, i in zip(ends, idx)]
+        for i, row in zip(idx, rows):
+            for (_, w), label in zip(examples[i]["first"], row):
+                preds[i][w] = LABELS[label]
     return preds
 
 
-def score(model, examples, args, pad_id):
-    preds = predict(model, examples, args.eval_batch_size, pad_id)
+def score(model, examples, args, pad_id, cache=None):
+    preds = predict(model, examples, pad_id, args.eval_batch_size, args.bf16, cache)
     return entity_scores([ex["tags"] for ex in examples], preds), preds
 
 
-def train_one(args, lang, seed, model, tokenizer, info, data, out):
-    """Train the setting's groups from the model as given; write OUT/{result.json, predictions.conll, log.jsonl}."""
+def batch_loss(model, examples, idx, args, pad_id, frozen_body, cache=None):
+    """Mean loss over the labelled words of the batch `idx`: from cached body outputs, from a
+    no-grad body pass (frozen body), or through the whole model."""
+    if cache is not None:
+        logits = model(features=torch.cat([cache["features"][i] for i in idx]))
+        return tagging_loss(logits, torch.cat([cache["labels"][i] for i in idx]))
+    batch = collate([examples[i] for i in idx], pad_id, args.device)
+    if frozen_body:
+        with torch.no_grad():
+            h = model.features(batch["input_ids"], batch["attention_mask"])
+        logits = model(features=h)
+    else:
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    return tagging_loss(logits, batch["labels"])
+
+
+def train_epoch(model, optimizer, schedule, examples, args, pad_id, seed, cache=None, desc=None):
+    """One epoch over shuffled length-bucketed batches; trains what requires grad. Returns the mean loss."""
+    model.train()  # dropout on, in the frozen body too (as a standard HF loop), unless --cache-body
+    params = [p for p in model.parameters() if p.requires_grad]
+    frozen_body = not any(p.requires_grad for p in model.body.parameters())
+    losses = []
+    for idx in tqdm(batch_indices(examples, args.batch_size, shuffle=True, seed=seed), desc=desc, leave=False, disable=desc is None):
+        with precision(args.device, args.bf16):
+            loss = batch_loss(model, examples, idx, args, pad_id, frozen_body, cache)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean().item()
+
+
+def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None):
+    """Train the setting's groups from the model as given; write OUT/{result.json, predictions.conll, log.jsonl}.
+    caches: word_features of the splits, for a frozen body ("train" only with --cache-body)."""
     start = time.time()
+    caches = caches or {}
     pad_id = tokenizer.pad_token_id
     groups = TRAINABLE[args.setting]
     trainable, total = set_trainable(model, groups)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * -(-len(data["train"]) // args.batch_size)
     schedule = transformers.get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
-    frozen_body = "body" not in groups
     best = {"f1": -1.0}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "log.jsonl"), "w") as log:
         for epoch in range(1, args.epochs + 1):
-            model.train()  # dropout on, in the frozen body too (as with a standard HF training loop)
-            losses = []
-            bar = tqdm(batches(data["train"], args.batch_size, pad_id, shuffle=True, seed=seed * 1000 + epoch, device=args.device),
-                       total=-(-len(data["train"]) // args.batch_size), desc=f"s{args.setting} {lang} seed{seed} ep{epoch}",
-                       leave=False)
-            for _, batch in bar:
-                if frozen_body:
-                    with torch.no_grad():
-                        features = model.features(batch["input_ids"], batch["attention_mask"])
-                    logits = model(features=features)
-                else:
-                    logits = model(batch["input_ids"], batch["attention_mask"])
-                loss = tagging_loss(logits, batch["labels"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                losses.append(loss.item())
-            dev, _ = score(model, data["validation"], args, pad_id)
-            log.write(json.dumps({"epoch": epoch, "train_loss": sum(losses) / len(losses), "dev": dev,
+            train_loss = train_epoch(model, optimizer, schedule, data["train"], args, pad_id, seed * 1000 + epoch,
+                                     caches.get("train"), desc=f"s{args.setting} {lang} seed{seed} ep{epoch}")
+            dev, _ = score(model, data["validation"], args, pad_id, caches.get("validation"))
+            log.write(json.dumps({"epoch": epoch, "train_loss": train_loss, "dev": dev,
                                   "elapsed_s": round(time.time() - start, 1)}) + "\n")
             log.flush()
             if dev["f1"] > best["f1"]:
                 best = {"f1": dev["f1"], "epoch": epoch, "dev": dev,
                         "state": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
-            print(f"s{args.setting} {lang} seed{seed} epoch {epoch}: loss {losses[-1]:.4f} dev F1 {dev['f1']:.2f}")
+            print(f"s{args.setting} {lang} seed{seed} epoch {epoch}: train loss {train_loss:.4f} dev F1 {dev['f1']:.2f}")
     model.load_state_dict(best["state"], strict=False)
-    test, preds = score(model, data["test"], args, pad_id)
+    test, preds = score(model, data["test"], args, pad_id, caches.get("test"))
     with open(os.path.join(out, "predictions.conll.tmp"), "w", encoding="utf-8") as f:
         for ex, pred in zip(data["test"], preds):
             f.write("".join(f"{t} {g} {p}\n" for t, g, p in zip(ex["tokens"], ex["tags"], pred)) + "\n")
@@ -186,21 +236,27 @@ def main(args):
         return
     model, tokenizer, info = build_model(args)
     model.to(args.device)
-    start_state = {n: t.clone() for n, t in model.state_dict().items() if group_of(n) in TRAINABLE[args.setting]}
+    groups = TRAINABLE[args.setting]
+    start_state = {n: t.clone() for n, t in model.state_dict().items() if group_of(n) in groups}
     sizes = {"train": args.train_size, "validation": args.dev_size, "test": args.test_size}
     for lang, seeds in runs.items():
         if not seeds:
             continue
         data = {split: encode(load_split(lang, split, args.data_dir, args.synthetic, n), tokenizer, args.max_len)
-                for split, n in sizes.items()}
+                for split, n in sizes.items()}  # tokenized once for all seeds
         for split, examples in data.items():
             if unscored_words(examples):
                 print(f"{lang} {split}: {unscored_words(examples)} words lie beyond --max-len {args.max_len} "
                       "(or have no sub-word); they are predicted O and still scored")
+        caches = {}
+        if "body" not in groups:  # a frozen body gives the same outputs to every epoch and seed
+            cached = ["validation", "test"] + (["train"] if args.cache_body else [])
+            caches = {split: word_features(model, data[split], tokenizer.pad_token_id, args.eval_batch_size, args.bf16)
+                      for split in cached}
         for seed in seeds:
             model.load_state_dict(start_state, strict=False)  # each run starts from the same body/adapter
             reset_new_groups(model, args.setting, seed)
-            train_one(args, lang, seed, model, tokenizer, info, data, os.path.join(args.out, lang, f"seed{seed}"))
+            train_one(args, lang, seed, model, tokenizer, info, data, os.path.join(args.out, lang, f"seed{seed}"), caches)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ holds body+adapter(+head); a tuned target model holds only its trainable groups 
 was tuned on (`init`), which is reloaded and checked against the fingerprint.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -80,8 +81,8 @@ class Tagger(nn.Module):
 
 
 def tagging_loss(logits, labels):
-    """Mean token cross-entropy over labelled (first sub-word) positions."""
-    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    """Mean token cross-entropy over labelled (first sub-word) positions; logits [..., labels]."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
 
 def group_of(name):
@@ -106,6 +107,19 @@ def set_trainable(model, groups):
         p.requires_grad_(group_of(n) in groups)
     counts = param_counts(model)
     return sum(counts[g] for g in groups), sum(counts.values())
+
+
+def add_runtime_args(parser):
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (fp32 master weights); ignored on CPU")
+
+
+def precision(device, bf16):
+    """Context for forward passes: TF32 matmuls and optional bf16 autocast on CUDA; nothing on CPU."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -223,7 +237,7 @@ def write_json(path, obj):
 
 
 # ----------------------------------------------------------------------------- tiny model
-def make_tiny_bert(path, seed=0, hidden=32, layers=2, heads=2):
+def make_tiny_bert(path, seed=0, hidden=32, layers=2, heads=2, dropout=0.1):
     """A random BERT with a letter/letter-pair WordPiece vocabulary (any lowercase ASCII text
     tokenizes; consonant-vowel words split into syllables), saved like a hub model. No download."""
     letters = string.ascii_lowercase
@@ -235,7 +249,8 @@ def make_tiny_bert(path, seed=0, hidden=32, layers=2, heads=2):
     BertTokenizerFast(os.path.join(path, "vocab.txt")).save_pretrained(path)  # positional: v4 vocab_file, v5 vocab
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=256)
+                        num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=256,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config, add_pooling_layer=False).save_pretrained(path)
     return path
 

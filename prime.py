@@ -31,7 +31,8 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from data import LABELS, DataError, add_data_args, collate, encode, load_split, meta_batches, steps_per_epoch
-from model import ModelError, group_of, load_tagger, named_group_params, save_checkpoint, tagging_loss, write_json
+from model import (ModelError, add_runtime_args, group_of, load_tagger, named_group_params, precision, save_checkpoint,
+                   tagging_loss, write_json)
 
 
 INNER_GROUPS = {"pe": ("adapter", "head"), "all": ("body", "adapter", "head")}  # what the inner loop updates
@@ -46,6 +47,9 @@ def parse_args(argv=None):
                    help="pe: inner loop updates adapter+head only (paper); all: also the body (MAML loop)")
     p.add_argument("--inner-steps", type=int, default=5, help="S, SGD steps per task (paper: 5)")
     p.add_argument("--inner-lr", type=float, default=0.03, help="alpha, inner SGD learning rate (paper: 0.03)")
+    p.add_argument("--support-pass", choices=["cached", "cached-eval", "plain"], default="cached",
+                   help="frozen-body inner loop: run the body once per task on the support batch (cached: with one "
+                        "dropout mask for all S steps; cached-eval: without dropout) or at every step (plain)")
     p.add_argument("--lr", type=float, default=5e-5, help="beta, outer AdamW learning rate (paper: 5e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not in the paper)")
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="linear schedule warm-up fraction (not in the paper)")
@@ -59,32 +63,50 @@ def parse_args(argv=None):
     p.add_argument("--adapter-dim", type=int, default=64, help="adapter bottleneck (paper: 64)")
     p.add_argument("--seed", type=int, default=1)
     add_data_args(p)
+    add_runtime_args(p)
     return p.parse_args(argv)
 
 
-def fast_adapt(model, support, names, steps, lr):
+def fast_adapt(model, support, names, steps, lr, features=None):
     """S plain SGD steps on the support batch, on functional copies of the parameters in `names`
-    (the model's own parameters are untouched). Returns the adapted copies and the support losses."""
+    (the model's own parameters are untouched). Given `features`, the body's output on the support
+    batch (valid when the body is not in `names`), each step runs only adapter+head.
+    Returns the adapted copies and the support loss before each step."""
     params = dict(model.named_parameters())
     fast = {n: params[n].detach().clone().requires_grad_() for n in names}
+    inputs = ((), {"features": features}) if features is not None else ((support["input_ids"], support["attention_mask"]), {})
     losses = []
     for _ in range(steps):
-        logits = functional_call(model, fast, (support["input_ids"], support["attention_mask"]))
-        loss = tagging_loss(logits, support["labels"])
+        loss = tagging_loss(functional_call(model, fast, *inputs), support["labels"])
         grads = torch.autograd.grad(loss, list(fast.values()))
         fast = {n: (w - lr * g).detach().requires_grad_() for (n, w), g in zip(fast.items(), grads)}
-        losses.append(loss.item())
-    return fast, losses
+        losses.append(loss.detach())
+    return fast, [loss.item() for loss in losses]
 
 
-def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None):
+@torch.no_grad()
+def body_output(model, batch, dropout):
+    """The body's output without autograd; dropout=False runs it in eval mode."""
+    training = model.body.training
+    model.body.train(training and dropout)
+    h = model.features(batch["input_ids"], batch["attention_mask"])
+    model.body.train(training)
+    return h
+
+
+def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, support_pass="cached"):
     """First-order meta-gradient of one meta-batch, summed over its tasks into the .grad of body
-    and adapter. Returns (per-task stats, the first task's adapted head)."""
+    and adapter. Returns (per-task stats, the first task's adapted head).
+    support_pass (when the body is not in the inner loop): "cached" runs the body once per task on the
+    support batch, in the model's mode, so one dropout mask serves the S steps; "cached-eval" the
+    same without dropout; "plain" re-runs the body at every inner step (fresh dropout each step)."""
     params = dict(model.named_parameters())
+    cache = support_pass != "plain" and not any(group_of(n) == "body" for n in inner_names)
     first_head, stats = None, []
     for support, query in tasks:
         support, query = collate(support, pad_id, device), collate(query, pad_id, device)
-        fast, support_losses = fast_adapt(model, support, inner_names, steps, lr)
+        features = body_output(model, support, dropout=support_pass == "cached") if cache else None
+        fast, support_losses = fast_adapt(model, support, inner_names, steps, lr, features)
         query_loss = tagging_loss(functional_call(model, fast, (query["input_ids"], query["attention_mask"])),
                                   query["labels"])
         query_loss.backward()  # body (if not in fast) gets its gradient directly; the fast copies get theirs
@@ -108,11 +130,13 @@ def ft_gradients(model, tasks, pad_id, device=None):
 def prime_step(model, optimizer, schedule, tasks, args, pad_id):
     """One outer step on one meta-batch: Algorithm 1 (mode meta) or plain fine-tuning (mode ft)."""
     optimizer.zero_grad(set_to_none=True)
-    if args.mode == "meta":
-        inner = named_group_params(model, INNER_GROUPS[args.inner_scope])
-        stats, first_head = meta_gradients(model, tasks, pad_id, list(inner), args.inner_steps, args.inner_lr, args.device)
-    else:
-        stats = ft_gradients(model, tasks, pad_id, args.device)
+    with precision(args.device, args.bf16):
+        if args.mode == "meta":
+            inner = named_group_params(model, INNER_GROUPS[args.inner_scope])
+            stats, first_head = meta_gradients(model, tasks, pad_id, list(inner), args.inner_steps, args.inner_lr,
+                                               args.device, args.support_pass)
+        else:
+            stats = ft_gradients(model, tasks, pad_id, args.device)
     optimizer.step()
     schedule.step()
     if args.mode == "meta":
@@ -151,7 +175,7 @@ def main(args):
     batches = (tasks for epoch in itertools.count() for tasks in
                meta_batches(sources, args.support_size, args.query_size, seed=args.seed * 1000 + epoch))
     with open(os.path.join(args.out, "log.jsonl"), "w") as log:
-        for step in (bar := tqdm(range(total), desc=f"prime {args.mode}/{args.inner_scope}/S={args.inner_steps}")):
+        for step in (bar := tqdm(range(total), desc=f"prime {args.mode}" + (f" {args.inner_scope} S={args.inner_steps}" if args.mode == "meta" else ""))):
             stats = prime_step(model, optimizer, schedule, next(batches), args, tokenizer.pad_token_id)
             loss = sum(s.get("query_loss", s.get("loss")) for s in stats) / len(stats)
             log.write(json.dumps({"step": step + 1, "lr": schedule.get_last_lr()[0], "loss": loss, "tasks": stats}) + "\n")

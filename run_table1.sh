@@ -33,13 +33,13 @@ case "$PRESET" in
     [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
     PRIME=(--train-size 3000 --epochs 1)  # 46 meta-steps of 2 tasks x (32 support + 32 query)
     FT=(--train-size 500 --dev-size 300 --test-size 500 --max-len 96)
-    FULL=(--epochs 3 --lr 5e-4) PE=(--epochs 5 --lr 1e-2) ;;  # lr: 5e-5 / 1e-3 underfit 500 sentences
+    FULL=(--epochs 3 --lr 5e-4) PE=(--epochs 5 --lr 1e-2 --cache-body) ;;  # lr: 5e-5 / 1e-3 underfit 500 sentences
   smoke)  # tiny random BERT, synthetic data (unless --data-dir), a few steps
     OUT=${OUT:-runs/smoke}
     [ -n "$MODEL" ] || { MODEL=$OUT/tiny-bert; [ -f "$MODEL/config.json" ] || python "$HERE/model.py" --make-tiny "$MODEL"; }
     PRIME=(--train-size 320 --support-size 16 --query-size 16 --epochs 1)
     FT=(--train-size 300 --dev-size 100 --test-size 100)
-    FULL=(--epochs 3 --lr 3e-3) PE=(--epochs 3 --lr 3e-2)
+    FULL=(--epochs 3 --lr 3e-3) PE=(--epochs 3 --lr 3e-2 --cache-body)
     SEEDS=${SEEDS:-1} ;;
   *) echo "run_table1.sh: unknown preset $PRESET (paper, mini, smoke)" >&2; exit 2 ;;
 esac

@@ -108,4 +108,15 @@ def test_packaged_minilm_loads_offline_and_learns_to_tag_a_sentence():
         optimizer.zero_grad()
         model.tagging_loss(tagger(features=h), batch["labels"]).backward()
         optimizer.step()
-    assert predict(tagger, examples, 8, tokenizer.pad_token_id) == [sentence[0][1]]
+    assert predict(tagger, examples, tokenizer.pad_token_id) == [sentence[0][1]]
+
+
+def test_mbert_parameter_counts_quoted_in_the_readme():
+    """mBERT's architecture (random weights; no download): HT trains 5,383 parameters, AT 104,519."""
+    from transformers import BertConfig, BertModel
+    config = BertConfig(vocab_size=119547, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
+    counts = model.param_counts(model.Tagger(model.drop_pooler(BertModel(config)), 7, 64))
+    assert (counts["head"], counts["adapter"] + counts["head"]) == (5383, 104519)
+    assert round(100 * counts["head"] / (counts["body"] + counts["head"]), 4) == 0.0030  # paper: 3e-3%
+    assert round(100 * (counts["adapter"] + counts["head"]) / sum(counts.values()), 3) == 0.059

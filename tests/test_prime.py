@@ -1,5 +1,6 @@
-"""Algorithm 1 against an independent reference: a deep copy of the model per task, S plain
-torch.optim.SGD steps, the query gradient at the adapted weights, AdamW on the summed gradients."""
+"""Algorithm 1 against an independent reference (bench.naive_meta_gradients: a deep copy of the
+model per task, S plain torch.optim.SGD steps, the query gradient at the adapted weights), and
+the cached support pass against the plain one."""
 import copy
 import json
 import os
@@ -9,6 +10,7 @@ import torch
 
 import data
 import prime
+from bench import naive_meta_gradients
 from model import group_of, load_tagger, tagging_loss
 
 
@@ -16,28 +18,6 @@ def make_tasks(tokenizer, n_langs=2, support=4, query=5, seed=0):
     by_lang = {lang: data.encode(data.load_split(lang, "train", synthetic=True, limit=40), tokenizer, 48)
                for lang in ["en", "es", "de"][:n_langs]}
     return next(data.meta_batches(by_lang, support, query, seed))
-
-
-def reference(tagger, tasks, pad_id, steps, lr, scope):
-    """Summed first-order meta-gradients of body+adapter, and the first task's adapted head."""
-    grads, first_head = {}, None
-    for support, query in tasks:
-        m = copy.deepcopy(tagger)
-        inner = [p for n, p in m.named_parameters() if scope == "all" or group_of(n) in ("adapter", "head")]
-        sgd = torch.optim.SGD(inner, lr=lr)
-        s, q = data.collate(support, pad_id), data.collate(query, pad_id)
-        for _ in range(steps):
-            sgd.zero_grad()
-            tagging_loss(m(s["input_ids"], s["attention_mask"]), s["labels"]).backward()
-            sgd.step()
-        m.zero_grad()
-        tagging_loss(m(q["input_ids"], q["attention_mask"]), q["labels"]).backward()
-        for n, p in m.named_parameters():
-            if group_of(n) != "head":
-                grads[n] = grads.get(n, 0) + p.grad
-        if first_head is None:
-            first_head = {n: p.detach().clone() for n, p in m.named_parameters() if group_of(n) == "head"}
-    return grads, first_head
 
 
 def snapshot(tagger):
@@ -59,14 +39,23 @@ def test_inner_loop_updates_only_its_scope(tiny, scope):
     assert moved == expected  # every group in scope moved; nothing outside it is even copied
 
 
-@pytest.mark.parametrize("scope, steps", [("pe", 5), ("pe", 1), ("all", 3)])
-def test_meta_gradient_equals_reference(tiny, scope, steps):
+def reference(tagger, tasks, pad_id, steps, scope):
+    """(summed first-order meta-gradients of body+adapter, first task's adapted head) from the naive path."""
+    ref = copy.deepcopy(tagger)
+    first_head = naive_meta_gradients(ref, tasks, pad_id, steps, 0.03, scope)
+    return {n: p.grad for n, p in ref.named_parameters() if group_of(n) != "head"}, first_head
+
+
+@pytest.mark.parametrize("scope, steps, support_pass", [("pe", 5, "cached"), ("pe", 5, "plain"), ("pe", 1, "cached"),
+                                                        ("all", 3, "cached")])
+def test_meta_gradient_equals_reference(tiny, scope, steps, support_pass):
     tagger, tokenizer = tiny
     tasks = make_tasks(tokenizer)
-    ref_grads, ref_head = reference(tagger, tasks, tokenizer.pad_token_id, steps, 0.03, scope)
+    ref_grads, ref_head = reference(tagger, tasks, tokenizer.pad_token_id, steps, scope)
     tagger.zero_grad(set_to_none=True)
     names = list(prime.named_group_params(tagger, prime.INNER_GROUPS[scope]))
-    stats, first_head = prime.meta_gradients(tagger, tasks, tokenizer.pad_token_id, names, steps, 0.03)
+    stats, first_head = prime.meta_gradients(tagger, tasks, tokenizer.pad_token_id, names, steps, 0.03,
+                                             support_pass=support_pass)
     assert len(stats) == 2
     for n, p in tagger.named_parameters():
         if group_of(n) == "head":
@@ -78,16 +67,49 @@ def test_meta_gradient_equals_reference(tiny, scope, steps):
         torch.testing.assert_close(first_head[n], w, rtol=1e-5, atol=1e-7)
 
 
+def test_cached_support_pass_equals_plain_without_dropout(tiny):
+    """Dropout off: running the body once per task gives the same adapted weights and meta-gradients
+    as running it at every inner step."""
+    tagger, tokenizer = tiny
+    tasks = make_tasks(tokenizer)
+    names = list(prime.named_group_params(tagger, prime.INNER_GROUPS["pe"]))
+    support = data.collate(tasks[0][0], tokenizer.pad_token_id)
+    plain, plain_losses = prime.fast_adapt(tagger, support, names, 5, 0.03)
+    features = prime.body_output(tagger, support, dropout=False)
+    cached, cached_losses = prime.fast_adapt(tagger, support, names, 5, 0.03, features)
+    assert cached_losses == pytest.approx(plain_losses, rel=1e-6)
+    for n in names:
+        torch.testing.assert_close(cached[n], plain[n], rtol=1e-6, atol=1e-7)
+    grads = {}
+    for support_pass in ("plain", "cached", "cached-eval"):
+        tagger.zero_grad(set_to_none=True)
+        prime.meta_gradients(tagger, tasks, tokenizer.pad_token_id, names, 5, 0.03, support_pass=support_pass)
+        grads[support_pass] = {n: p.grad.clone() for n, p in tagger.named_parameters() if p.grad is not None}
+    for support_pass in ("cached", "cached-eval"):
+        for n, g in grads["plain"].items():
+            torch.testing.assert_close(grads[support_pass][n], g, rtol=1e-5, atol=1e-7)
+
+
+def test_body_output_dropout_modes(tiny_dir):
+    """The cached support pass samples dropout ("cached") or not ("cached-eval"), and restores the mode."""
+    tagger, tokenizer, _ = load_tagger(tiny_dir, data.LABELS, adapter_dim=8)
+    support = data.collate(make_tasks(tokenizer)[0][0], tokenizer.pad_token_id)
+    tagger.train()
+    torch.manual_seed(0)
+    a = prime.body_output(tagger, support, dropout=True)
+    b = prime.body_output(tagger, support, dropout=True)
+    assert not torch.equal(a, b)  # dropout is on in train mode
+    assert torch.equal(prime.body_output(tagger, support, dropout=False), prime.body_output(tagger, support, dropout=False))
+    assert tagger.body.training  # the body's mode is restored
+
+
 def test_prime_step_adamw_on_body_adapter_and_head_reset(tiny, tmp_path):
     tagger, tokenizer = tiny
     args = prime.parse_args(["--out", str(tmp_path), "--model", "x", "--device", "cpu"])
     tasks = make_tasks(tokenizer)
-    ref_grads, ref_head = reference(tagger, tasks, tokenizer.pad_token_id, 5, 0.03, "pe")
-    ref = copy.deepcopy(tagger)  # the reference outer step: AdamW(5e-5) on the summed gradients
-    ref_params = [p for n, p in ref.named_parameters() if group_of(n) != "head"]
-    for (n, p) in ((n, p) for n, p in ref.named_parameters() if group_of(n) != "head"):
-        p.grad = ref_grads[n]
-    torch.optim.AdamW(ref_params, lr=5e-5, weight_decay=0.01).step()
+    ref = copy.deepcopy(tagger)  # the reference outer step: AdamW(5e-5) on the naive summed gradients
+    ref_head = naive_meta_gradients(ref, tasks, tokenizer.pad_token_id, 5, 0.03)
+    torch.optim.AdamW([p for n, p in ref.named_parameters() if group_of(n) != "head"], lr=5e-5, weight_decay=0.01).step()
 
     optimizer, schedule = prime.make_optimizer(tagger, args, total_steps=10)
     before = snapshot(tagger)

@@ -1,0 +1,266 @@
+"""Side-by-side cost of priming and fine-tuning, in one process, on real WikiAnn batches.
+
+    python bench.py                                   # packaged MiniLM on the CPU, ../shared/wikiann
+    python bench.py --device cuda --bf16 --model bert-base-multilingual-cased
+
+1. Meta-step time at S=5 on the same meta-batches (2 tasks of 32 support + 32 query sentences):
+   ours (prime.meta_gradients, body run once per task on the support batch), a naive first-order
+   reference (deepcopy of the model per task, S full forward+backward steps), and the limit (per task
+   one no-grad body forward on the support batch + one forward+backward on the query batch). Gradient
+   computation only: the AdamW update, the same for all three, is timed on its own line.
+2. One epoch of adapter tuning vs one epoch of full fine-tuning on the same sentences; adapter tuning
+   without and with --cache-body (first epoch builds the cache, later epochs reuse it).
+3. Peak memory of a priming step vs a plain fine-tuning step (one AdamW step on a 32-sentence batch),
+   each measured in a fresh subprocess after one warm-up step: the rise of the resident set's high-water
+   mark (VmHWM, reset through /proc/self/clear_refs) above the resident set before the step; on CUDA,
+   torch.cuda.max_memory_allocated.
+Each time is the min and median of --repeats runs.
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import finetune
+import prime
+from data import LABELS, add_data_args, batch_indices, collate, encode, load_split, meta_batches
+from model import PACKAGED_MINILM, group_of, load_tagger, named_group_params, precision, set_trainable, tagging_loss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def naive_meta_gradients(model, tasks, pad_id, steps, lr, scope="pe", device=None):
+    """Textbook first-order MAML: a deep copy of the model per task, S optimizer steps of full
+    forward+backward passes, the query gradient of the copy summed into the original's .grad.
+    Returns the first task's adapted head (the reference for tests/test_prime.py)."""
+    first_head = None
+    for support, query in tasks:
+        m = copy.deepcopy(model)
+        inner = [p for n, p in m.named_parameters() if scope == "all" or group_of(n) in ("adapter", "head")]
+        sgd = torch.optim.SGD(inner, lr=lr)
+        s, q = collate(support, pad_id, device), collate(query, pad_id, device)
+        for _ in range(steps):
+            sgd.zero_grad()
+            tagging_loss(m(s["input_ids"], s["attention_mask"]), s["labels"]).backward()
+            sgd.step()
+        m.zero_grad()
+        tagging_loss(m(q["input_ids"], q["attention_mask"]), q["labels"]).backward()
+        for (n, p), c in zip(model.named_parameters(), m.parameters()):
+            if group_of(n) != "head":
+                p.grad = c.grad if p.grad is None else p.grad + c.grad
+        if first_head is None:
+            first_head = {n: p.detach().clone() for n, p in m.named_parameters() if group_of(n) == "head"}
+    return first_head
+
+
+def limit_gradients(model, tasks, pad_id, device=None):
+    """The least a frozen-body first-order step must do: no-grad body on support, fwd+bwd on query."""
+    for support, query in tasks:
+        s, q = collate(support, pad_id, device), collate(query, pad_id, device)
+        with torch.no_grad():
+            model.features(s["input_ids"], s["attention_mask"])
+        tagging_loss(model(q["input_ids"], q["attention_mask"]), q["labels"]).backward()
+
+
+def timed(fn, device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def ratio(a, b):
+    """Median of the per-run ratios a_k / b_k: runs k share their batches, so batch-to-batch
+    differences in length cancel."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def line(name, times, ratio=None, of=None):
+    note = f"   {ratio:5.2f}x {of}" if ratio else ""
+    print(f"  {name:46s} min {min(times) * 1000:8.1f} ms   median {statistics.median(times) * 1000:8.1f} ms{note}")
+    return statistics.median(times)
+
+
+def source_data(args, tokenizer):
+    return {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.sentences), tokenizer, 128)
+            for lang in ("en", "es")}
+
+
+def bench_priming(args, model, tokenizer):
+    print(f"1. meta-step at S={args.inner_steps}, 2 tasks x ({args.task_size} support + {args.task_size} query), "
+          f"{args.device}{' bf16' if args.bf16 else ''}")
+    pad = tokenizer.pad_token_id
+    metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:args.repeats + 1]
+    inner = list(named_group_params(model, prime.INNER_GROUPS["pe"]))
+    every = list(named_group_params(model, prime.INNER_GROUPS["all"]))
+    runs = {"ours (cached support pass)": lambda t: prime.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device),
+            "naive (deepcopy, S full fwd+bwd)": lambda t: naive_meta_gradients(model, t, pad, args.inner_steps, 0.03, device=args.device),
+            "limit (support fwd + query fwd+bwd)": lambda t: limit_gradients(model, t, pad, args.device),
+            "plain support pass (body at every step)": lambda t: prime.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03,
+                                                                                       args.device, support_pass="plain"),
+            "MAML loop (--inner-scope all), for reference": lambda t: prime.meta_gradients(model, t, pad, every, args.inner_steps,
+                                                                                            0.03, args.device)}
+    times = {name: [] for name in runs}
+    optimizer = torch.optim.AdamW(named_group_params(model, ("body", "adapter")).values(), lr=5e-5)
+    adamw = []
+    model.train()
+    for k, tasks in enumerate(metas):  # the first meta-batch warms up and is not counted
+        for name, run in runs.items():
+            model.zero_grad(set_to_none=True)
+            with precision(args.device, args.bf16):
+                t = timed(lambda: run(tasks), args.device)
+            if k:
+                times[name].append(t)
+        t = timed(optimizer.step, args.device)
+        if k:
+            adamw.append(t)
+    limit = times["limit (support fwd + query fwd+bwd)"]
+    for name, ts in times.items():
+        line(name, ts, ratio=ratio(ts, limit), of="the limit")
+    line("AdamW update of body+adapter (same for all)", adamw)
+    ours, naive = times["ours (cached support pass)"], times["naive (deepcopy, S full fwd+bwd)"]
+    print(f"  naive / ours = {ratio(naive, ours):.2f}x (target >= 4)   ours / limit = {ratio(ours, limit):.2f}x (target <= 1.3)"
+          "   (medians over meta-batches of per-batch ratios)")
+    return {"naive_over_ours": ratio(naive, ours), "ours_over_limit": ratio(ours, limit)}
+
+
+def bench_finetuning(args, tokenizer):
+    print(f"2. one fine-tuning epoch on {args.ft_sentences} {args.ft_lang} sentences, batch 32")
+    examples = encode(load_split(args.ft_lang, "train", args.data_dir, args.synthetic, args.ft_sentences), tokenizer, 128)
+    ft_args = finetune.parse_args(["--setting", "1", "--lang", args.ft_lang, "--out", "-", "--device", args.device]
+                                  + (["--bf16"] if args.bf16 else []))
+    pad = tokenizer.pad_token_id
+    times = {}
+    for name, setting in [("full fine-tuning", 1), ("adapter tuning", 3), ("adapter tuning --cache-body", 3)]:
+        torch.manual_seed(0)
+        model, _, _ = load_tagger(args.model, LABELS, 0 if setting == 1 else 64)
+        model.to(args.device)
+        set_trainable(model, finetune.TRAINABLE[setting])
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        cached = name.endswith("--cache-body")
+        first, later = [], []
+        for r in range(args.repeats if setting != 1 else max(2, args.repeats // 2)):
+            cache = None
+
+            def epoch():
+                nonlocal cache
+                if cached and cache is None:  # the first epoch pays for the body pass over the data
+                    cache = finetune.word_features(model, examples, pad, 128, args.bf16)
+                finetune.train_epoch(model, optimizer, schedule, examples, ft_args, pad, seed=r, cache=cache)
+
+            first.append(timed(epoch, args.device))
+            if cached:
+                later.append(timed(epoch, args.device))
+        times[name] = line(name + (", first epoch" if cached else ", any epoch"), first)
+        if cached:
+            times[name + " later"] = line(name + ", later epoch", later)
+    full = times["full fine-tuning"]
+    at, first, later = times["adapter tuning"], times["adapter tuning --cache-body"], times["adapter tuning --cache-body later"]
+    print(f"  adapter / full: {at / full:.3f} (target <= 0.4); with --cache-body first epoch {first / full:.3f}, "
+          f"later epochs {later / full:.4f} (target <= 0.1)   (ratios of medians)")
+    return {"at_over_full": at / full, "cached_first_over_full": first / full, "cached_later_over_full": later / full}
+
+
+def memory_child(args, which):
+    """Run in a fresh process: one warm-up step, then the measured step. Prints JSON."""
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_tagger(args.model, LABELS, 64)
+    model.to(args.device).train()
+    pad = tokenizer.pad_token_id
+    metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:2]
+    p_args = prime.parse_args(["--out", "-", "--device", args.device, "--inner-steps", str(args.inner_steps)]
+                              + (["--bf16"] if args.bf16 else []))
+    optimizer, schedule = prime.make_optimizer(model, p_args if which == "priming" else
+                                               prime.parse_args(["--out", "-", "--mode", "ft"]), total_steps=10)
+
+    def step(tasks):
+        if which == "priming":
+            prime.prime_step(model, optimizer, schedule, tasks, p_args, pad)
+        else:  # one plain fine-tuning step on the first task's query batch (32 sentences)
+            optimizer.zero_grad(set_to_none=True)
+            q = collate(tasks[0][1], pad, args.device)
+            with precision(args.device, args.bf16):
+                tagging_loss(model(q["input_ids"], q["attention_mask"]), q["labels"]).backward()
+            optimizer.step()
+
+    step(metas[0])  # warm-up: allocates the AdamW state
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(metas[1])
+        torch.cuda.synchronize()
+        peak, how = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = vm("VmRSS")
+        step(metas[1])
+        peak, how = vm("VmHWM"), "VmHWM (peak RSS)"
+    print(json.dumps({"base": base, "peak": peak, "how": how}))
+
+
+def vm(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
+
+def bench_memory(args):
+    print("3. peak memory of one step, fresh process each, after a warm-up step")
+    out = {}
+    for which in ("priming", "fine-tuning"):
+        cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--memory-child", which] + sys.argv[1:]
+        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        out[which] = r["peak"] - r["base"]
+        print(f"  {which:12s} step: {r['how']} {r['peak'] / 2**20:8.0f} MiB = {r['base'] / 2**20:.0f} MiB before "
+              f"+ {out[which] / 2**20:.0f} MiB for the step")
+    print(f"  priming / fine-tuning step memory = {out['priming'] / out['fine-tuning']:.2f} (target <= 1.25)")
+    return {"priming_over_ft_memory": out["priming"] / out["fine-tuning"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=PACKAGED_MINILM)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--inner-steps", type=int, default=5)
+    p.add_argument("--task-size", type=int, default=32, help="support = query = this many sentences")
+    p.add_argument("--sentences", type=int, default=1000, help="source sentences per language to draw tasks from")
+    p.add_argument("--ft-lang", default="nl")
+    p.add_argument("--ft-sentences", type=int, default=500)
+    p.add_argument("--parts", default="1,2,3", help="which parts to run")
+    p.add_argument("--memory-child", choices=["priming", "fine-tuning"], help=argparse.SUPPRESS)
+    add_data_args(p)
+    args = p.parse_args()
+    if not args.data_dir and not args.synthetic and os.path.isdir(os.path.join(HERE, "..", "shared", "wikiann")):
+        args.data_dir = os.path.join(HERE, "..", "shared", "wikiann")
+    if args.memory_child:
+        return memory_child(args, args.memory_child)
+    print(f"bench.py: {args.model} on {args.device}{' bf16' if args.bf16 else ''}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, data {'synthetic' if args.synthetic else args.data_dir or 'hub'}")
+    parts = args.parts.split(",")
+    summary = {}
+    if "1" in parts:
+        torch.manual_seed(0)
+        model, tokenizer, _ = load_tagger(args.model, LABELS, 64)
+        summary.update(bench_priming(args, model.to(args.device), tokenizer))
+    if "2" in parts:
+        summary.update(bench_finetuning(args, load_tagger(args.model, LABELS, 0)[1]))
+    if "3" in parts:
+        summary.update(bench_memory(args))
+    print("summary: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
+
+
+if __name__ == "__main__":
+    main()
