@@ -38,10 +38,10 @@ def read_conll(path, lang=None):
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is fine
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})")
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); convert it, e.g. iconv -t utf-8")
     sentences, tokens, tags = [], [], []
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.rstrip()
@@ -99,7 +99,10 @@ def load_split(lang, split, data_dir=None, synthetic=False, limit=None):
                             "or --preset mini / --synthetic")
         import datasets  # imported lazily: slow, and unused with local files
 
-        ds = datasets.load_dataset(HUB_DATASET, lang, split=split)
+        try:
+            ds = datasets.load_dataset(HUB_DATASET, lang, split=split)
+        except Exception as e:  # unknown language, split, or a hub error: one line for the user
+            raise DataError(f"cannot load {HUB_DATASET} {lang}/{split}: {str(e).strip().splitlines()[0]}") from None
         names = ds.features["ner_tags"].feature.names
         assert names == LABELS, f"hub label set {names} differs from {LABELS}"
         sentences = [(list(t), [LABELS[i] for i in g]) for t, g in zip(ds["tokens"], ds["ner_tags"])]

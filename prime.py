@@ -15,11 +15,13 @@ over tasks, AdamW (beta) with a linear schedule updates body+adapter, and the he
 FIRST task's adapted head. The head is re-initialised at fine-tuning anyway.
 
 Writes OUT/{model.safetensors, checkpoint.json, tokenizer files} (body+adapter+head), OUT/config.json
-and OUT/log.jsonl (one line per meta-step).
+and OUT/log.jsonl (one line per meta-step); OUT/resume.pt every --save-every steps, from which --resume
+continues exactly. A NaN/inf loss stops the run with exit code 3 and OUT/diverged.json.
 """
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import sys
@@ -31,7 +33,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from data import LABELS, DataError, add_data_args, collate, encode, load_split, meta_batches, steps_per_epoch
-from model import (ModelError, add_runtime_args, group_of, load_tagger, named_group_params, precision, save_checkpoint,
+from model import (Diverged, ModelError, add_runtime_args, group_of, load_tagger, named_group_params, precision, save_checkpoint,
                    tagging_loss, write_json)
 
 
@@ -62,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=128, help="max sub-words per sentence")
     p.add_argument("--adapter-dim", type=int, default=64, help="adapter bottleneck (paper: 64)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=100, help="write OUT/resume.pt every N meta-steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume.pt if an interrupted run left one")
     add_data_args(p)
     add_runtime_args(p)
     return p.parse_args(argv)
@@ -153,6 +157,44 @@ def make_optimizer(model, args, total_steps):
     return optimizer, transformers.get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
 
 
+RESUME_IGNORES = ("resume", "save_every", "device")  # flags that may differ between a run and its resumption
+
+
+def save_state(path, model, optimizer, schedule, step, args):
+    """Everything a resumed run needs to continue exactly: weights, AdamW, schedule, step, RNG."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "step": step, "rng": torch.get_rng_state(), "args": {k: v for k, v in vars(args).items() if k not in RESUME_IGNORES}}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_state(path, model, optimizer, schedule, args):
+    state = torch.load(path, map_location=args.device, weights_only=True)
+    changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if getattr(args, k) != v}
+    if changed:
+        raise ModelError(f"{path} was written with other flags ({', '.join(f'--{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
+                         "rerun with the same flags, or delete it to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"].cpu())
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    return state["step"]
+
+
+def truncate_log(path, step):
+    """Keep the log lines of steps <= step (a resumed run rewrites the rest)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+
+
 def main(args):
     start = time.time()
     torch.manual_seed(args.seed)
@@ -166,6 +208,12 @@ def main(args):
     total = args.max_steps or args.epochs * per_epoch
     optimizer, schedule = make_optimizer(model, args, total)
     os.makedirs(args.out, exist_ok=True)
+    state_path, log_path = os.path.join(args.out, "resume.pt"), os.path.join(args.out, "log.jsonl")
+    done = 0
+    if args.resume and os.path.isfile(state_path):
+        done = load_state(state_path, model, optimizer, schedule, args)
+        print(f"prime.py: resuming {args.out} at meta-step {done} of {total}")
+    truncate_log(log_path, done)
     config = {"script": "prime.py", "args": vars(args), "base_model": info["base_model"], "steps": total,
               "steps_per_epoch": per_epoch, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                                           "python": platform.python_version()}}
@@ -174,14 +222,27 @@ def main(args):
     model.train()  # dropout on everywhere, in the inner loop too (not in the paper)
     batches = (tasks for epoch in itertools.count() for tasks in
                meta_batches(sources, args.support_size, args.query_size, seed=args.seed * 1000 + epoch))
-    with open(os.path.join(args.out, "log.jsonl"), "w") as log:
-        for step in (bar := tqdm(range(total), desc=f"prime {args.mode}" + (f" {args.inner_scope} S={args.inner_steps}" if args.mode == "meta" else ""))):
+    batches = itertools.islice(batches, done, None)  # a resumed run skips the meta-batches already used
+    name = f"{args.mode}" + (f" {args.inner_scope} S={args.inner_steps}" if args.mode == "meta" else "")
+    with open(log_path, "a") as log:
+        for step in (bar := tqdm(range(done, total), initial=done, total=total, desc=f"prime {name}")):
             stats = prime_step(model, optimizer, schedule, next(batches), args, tokenizer.pad_token_id)
             loss = sum(s.get("query_loss", s.get("loss")) for s in stats) / len(stats)
+            support = [x for s in stats for x in s.get("support_loss", [])]
+            if not all(math.isfinite(x) for x in [loss] + support):
+                write_json(os.path.join(args.out, "diverged.json"),
+                           {"script": "prime.py", "variant": name, "step": step + 1, "loss": loss, "support_losses": support})
+                raise Diverged(f"prime.py: priming ({name}, inner lr {args.inner_lr}) diverged at meta-step {step + 1} of "
+                               f"{total}: loss {loss}; no checkpoint written, {args.out}/diverged.json records it")
             log.write(json.dumps({"step": step + 1, "lr": schedule.get_last_lr()[0], "loss": loss, "tasks": stats}) + "\n")
             bar.set_postfix(loss=f"{loss:.3f}")
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+                log.flush()
+                save_state(state_path, model, optimizer, schedule, step + 1, args)
     save_checkpoint(args.out, model, tokenizer, ("body", "adapter", "head"), info["base_model"], LABELS,
                     extra={"priming": vars(args)})
+    if os.path.exists(state_path):
+        os.remove(state_path)  # the checkpoint is complete; the resume state is no longer needed
     write_json(os.path.join(args.out, "config.json"), {**config, "wall_time_s": round(time.time() - start, 1)})
     print(f"primed checkpoint: {args.out} ({total} steps, {time.time() - start:.0f}s)")
 
@@ -192,3 +253,6 @@ if __name__ == "__main__":
     except (DataError, ModelError) as e:
         print(f"prime.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(e, file=sys.stderr)
+        sys.exit(3)

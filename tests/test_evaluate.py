@@ -72,3 +72,18 @@ def test_table_mean_std_average_and_paper_delta(tmp_path):
     assert "| 4 | Meta Priming -> AT | 81.00 ± 1.41 (81.25, -0.25) | 89.00 ± 1.41 (88.23, +0.77) | 85.00 ± 1.41 (84.74, +0.26) | 2 |" in md
     assert "| 3 | AT | 70.00 (77.76, -7.76) | - | - | 1 |" in md
     assert md in out.replace("\r", "")
+
+
+def test_sweep_compares_configurations_by_dev_f1(tmp_path):
+    for config, devs in {"s3-lr1e-3": (40.0, 50.0), "s3-lr1e-2": (60.0, 44.0), "s1-lr1e-4": (70.0, 70.0)}.items():
+        for seed, dev in enumerate(devs, 1):
+            d = tmp_path / config / "hi" / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "result.json").write_text(json.dumps({"setting": int(config[1]), "lang": "hi", "seed": seed,
+                                                       "dev_f1": dev, "test_f1": dev - 1}))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--sweep", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| 3 | s3-lr1e-2 * | 52.00 | 52.00 | 51.00 |" in out  # (60+44)/2 beats (40+50)/2
+    assert "| 3 | s3-lr1e-3 | 45.00 | 45.00 | 44.00 |" in out
+    assert "| 1 | s1-lr1e-4 * | 70.00 |" in out
+    assert (tmp_path / "sweep.md").read_text().strip() == out.strip()
