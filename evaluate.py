@@ -3,6 +3,7 @@
     python evaluate.py runs/mini                          # every result.json below -> table1.md/.csv/.png
     python evaluate.py --score runs/mini/finetune/s4/hi/seed1/predictions.conll   # re-score one file
     python evaluate.py --sweep runs/grid                  # one subdirectory per configuration: dev F1 table
+    python evaluate.py --spread runs/mini runs/mini-prime2   # the same grid primed with other seeds
 
 A cell is mean +- sample std (ddof=1) over fine-tuning seeds, with the paper's value and our delta;
 "diverged" where every seed diverged (a diverged.json instead of a result.json), "[k diverged]" where
@@ -191,13 +192,40 @@ def sweep(run_dir):
     return "\n".join(md)
 
 
+def spread(run_dirs):
+    """Priming-seed spread: run_dirs are the same grid primed with different seeds. Per setting, each
+    run's average over targets (mean +- std over fine-tuning seeds), then the mean +- sample std of
+    those averages across runs. Returns a markdown table."""
+    avgs = {}
+    for d in run_dirs:
+        cols, rows = summarize(collect(d))
+        for s, name, row in rows:
+            if "avg" in row and row["avg"]["mean"] is not None:
+                avgs.setdefault((s, name), {})[d] = row["avg"]
+    md = ["Average test F1 over targets per priming run (mean ± std over fine-tuning seeds), and across runs.", "",
+          "| # | setting | " + " | ".join(run_dirs) + " | across runs |", "|---" * (len(run_dirs) + 3) + "|"]
+    for (s, name), per_run in sorted(avgs.items()):
+        means = [c["mean"] for c in per_run.values()]
+        across = f"{statistics.mean(means):.2f}" + (f" ± {statistics.stdev(means):.2f}" if len(means) > 1 else "")
+        md.append(f"| {s} | {name} | " + " | ".join(
+            "-" if d not in per_run else f"{per_run[d]['mean']:.2f}" + (
+                "" if math.isnan(per_run[d]["std"]) else f" ± {per_run[d]['std']:.2f}") for d in run_dirs)
+                  + f" | {across} (n={len(means)}) |")
+    return "\n".join(md)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="directory searched recursively for result.json files")
     p.add_argument("--score", metavar="CONLL", help="score a `token gold pred` predictions file instead")
     p.add_argument("--sweep", action="store_true", help="RUN_DIR holds one subdirectory per configuration: "
                                                         "compare their dev F1 (writes RUN_DIR/sweep.md)")
+    p.add_argument("--spread", nargs="+", metavar="RUN_DIR", help="the same grid primed with different seeds: "
+                                                                  "per-run averages and their spread (printed)")
     args = p.parse_args()
+    if args.spread:
+        print(spread(args.spread))
+        return
     if args.score:
         print(json.dumps(entity_scores(*read_predictions(args.score))))
         return

@@ -87,3 +87,18 @@ def test_sweep_compares_configurations_by_dev_f1(tmp_path):
     assert "| 3 | s3-lr1e-3 | 45.00 | 45.00 | 44.00 |" in out
     assert "| 1 | s1-lr1e-4 * | 70.00 |" in out
     assert (tmp_path / "sweep.md").read_text().strip() == out.strip()
+
+
+def test_spread_across_priming_runs(tmp_path):
+    # run a: setting 4 per-seed averages (80+90)/2=85 and (82+92)/2=87 -> 86 +- 1.41; run b: 84 (one seed)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for seed, (hi, af) in {1: (80.0, 90.0), 2: (82.0, 92.0)}.items():
+        write_result(a, 4, "hi", seed, hi)
+        write_result(a, 4, "af", seed, af)
+    write_result(b, 4, "hi", 1, 78.0)
+    write_result(b, 4, "af", 1, 90.0)
+    write_result(b, 5, "hi", 1, 70.0)  # no af: no average, so no row for 5
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--spread", a, b],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"| 4 | Meta Priming -> AT | 86.00 ± 1.41 | 84.00 | 85.00 ± 1.41 (n=2) |" in out  # mean, std of 86 and 84
+    assert "| 5 |" not in out
