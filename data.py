@@ -253,11 +253,23 @@ if __name__ == "__main__":
     add_data_args(p)
     p.add_argument("--langs", nargs="+", default=["en", "es", "hi", "af", "az", "lt", "et", "nl"])
     p.add_argument("--show", type=int, default=0, help="print the first N training sentences")
+    p.add_argument("--tokenizer", help="a tokenizer name or path: also report, on each test split, the share of "
+                                       "words with an [UNK] sub-word and the sub-words per word")
     args = p.parse_args()
     try:
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         for lang in args.langs:
             counts = {s: load_split(lang, s, args.data_dir, args.synthetic) for s in SPLITS}
-            print(lang, " ".join(f"{s}={len(v)}" for s, v in counts.items()))
+            coverage = ""
+            if args.tokenizer:
+                words = [w for tokens, _ in counts["test"] for w in tokens]
+                pieces = tokenizer(words, add_special_tokens=False)["input_ids"]
+                unk = sum(tokenizer.unk_token_id in ids for ids in pieces)
+                coverage = (f"  test words with [UNK]: {100 * unk / len(words):.1f}%"
+                            f"  sub-words per word: {sum(map(len, pieces)) / len(words):.2f}")
+            print(lang, " ".join(f"{s}={len(v)}" for s, v in counts.items()) + coverage)
             for tokens, tags in counts["train"][:args.show]:
                 print("  " + " ".join(f"{t}/{g}" for t, g in zip(tokens, tags)))
     except DataError as e:

@@ -4,6 +4,7 @@
     python evaluate.py --score runs/mini/finetune/s4/hi/seed1/predictions.conll   # re-score one file
     python evaluate.py --sweep runs/grid                  # one subdirectory per configuration: dev F1 table
     python evaluate.py --spread runs/mini runs/mini-prime2   # the same grid primed with other seeds
+    python evaluate.py --priming runs/mini/prime/*        # what priming did: losses, adapter movement
 
 A cell is mean +- sample std (ddof=1) over fine-tuning seeds, with the paper's value and our delta;
 "diverged" where every seed diverged (a diverged.json instead of a result.json), "[k diverged]" where
@@ -214,6 +215,28 @@ def spread(run_dirs):
     return "\n".join(md)
 
 
+def priming_report(prime_dirs):
+    """Checks on priming runs from their log.jsonl (and model.safetensors when present): the outer loss
+    (query loss; the training loss for --mode ft) over the first and last 5 meta-steps, the inner loop's
+    support loss at its first and last step (mean over tasks), and the norm of the adapter's up-projection,
+    which starts at zero and is changed only by outer (meta-)updates. Returns a markdown table."""
+    md = ["| priming run | steps | outer loss, first 5 steps | last 5 steps | inner loop: support loss at step 1 | "
+          "at step S | adapter up-projection norm |", "|---" * 7 + "|"]
+    for d in prime_dirs:
+        with open(os.path.join(d, "log.jsonl")) as f:
+            log = [json.loads(line) for line in f if line.strip()]
+        first, last = (statistics.mean(r["loss"] for r in part) for part in (log[:5], log[-5:]))
+        support = [t["support_loss"] for r in log for t in r["tasks"] if t.get("support_loss")]
+        inner = [f"{statistics.mean(s[i] for s in support):.3f}" if support else "-" for i in (0, -1)]
+        norm = "-"
+        if os.path.exists(os.path.join(d, "model.safetensors")):
+            from safetensors import safe_open
+            with safe_open(os.path.join(d, "model.safetensors"), "pt") as ckpt:
+                norm = f"{ckpt.get_tensor('adapter.up.weight').norm().item():.4f}"
+        md.append(f"| {d} | {len(log)} | {first:.3f} | {last:.3f} | {inner[0]} | {inner[1]} | {norm} |")
+    return "\n".join(md)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="directory searched recursively for result.json files")
@@ -222,7 +245,11 @@ def main():
                                                         "compare their dev F1 (writes RUN_DIR/sweep.md)")
     p.add_argument("--spread", nargs="+", metavar="RUN_DIR", help="the same grid primed with different seeds: "
                                                                   "per-run averages and their spread (printed)")
+    p.add_argument("--priming", nargs="+", metavar="PRIME_DIR", help="summarize priming runs (printed)")
     args = p.parse_args()
+    if args.priming:
+        print(priming_report(args.priming))
+        return
     if args.spread:
         print(spread(args.spread))
         return

@@ -1,5 +1,7 @@
 """Reading, sub-word label alignment, batching, priming tasks, synthetic data."""
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -111,3 +113,13 @@ def test_meta_batches_one_task_per_language_disjoint():
             used += [ex["id"] for ex in support + query]
     assert len(used) == len(set(used))  # support and query disjoint, no sentence twice in an epoch
     assert [t[0][0] for t in steps[0]] == [t[0][0] for t in next(data.meta_batches(by_lang, 4, 6, seed=0))]
+
+
+def test_cli_reports_tokenizer_coverage(tmp_path, tiny_dir):
+    # tiny vocabulary: letters and letter pairs, ASCII only. ab -> ab; abcd -> ab ##cd; abc -> ab ##c; ж -> [UNK]
+    for split in ("train", "validation", "test"):
+        (tmp_path / "xx").mkdir(exist_ok=True)
+        (tmp_path / "xx" / f"{split}.tsv").write_text("ab\tB-PER\nabcd\tI-PER\n\nж\tO\nabc\tB-LOC\n")
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(data.__file__), "data.py"), "--data-dir", str(tmp_path), "--langs", "xx",
+                          "--tokenizer", tiny_dir], capture_output=True, text=True, check=True).stdout
+    assert "xx train=2 validation=2 test=2  test words with [UNK]: 25.0%  sub-words per word: 1.50" in out

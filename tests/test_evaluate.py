@@ -102,3 +102,22 @@ def test_spread_across_priming_runs(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert f"| 4 | Meta Priming -> AT | 86.00 ± 1.41 | 84.00 | 85.00 ± 1.41 (n=2) |" in out  # mean, std of 86 and 84
     assert "| 5 |" not in out
+
+
+def test_priming_report_from_log_and_checkpoint(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    meta, ft = tmp_path / "meta", tmp_path / "ft"
+    meta.mkdir()
+    ft.mkdir()
+    with open(meta / "log.jsonl", "w") as f:
+        for step in range(6):  # outer loss 2.0 ... 1.5; inner loop 1.0 -> 0.5 and 3.0 -> 2.0
+            tasks = [{"support_loss": [1.0, 0.7, 0.5], "query_loss": 0.0}, {"support_loss": [3.0, 2.0], "query_loss": 0.0}]
+            f.write(json.dumps({"step": step + 1, "loss": 2.0 - 0.1 * step, "tasks": tasks}) + "\n")
+    (ft / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.25, "tasks": [{"loss": 1.25}]}) + "\n")
+    save_file({"adapter.up.weight": torch.tensor([[3.0, 4.0]])}, str(meta / "model.safetensors"))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--priming", str(meta), str(ft)],
+                         capture_output=True, text=True, check=True).stdout
+    # first 5 steps: mean(2.0 .. 1.6) = 1.8; last 5: mean(1.9 .. 1.5) = 1.7; support (1+3)/2 = 2 -> (0.5+2)/2 = 1.25
+    assert f"| {meta} | 6 | 1.800 | 1.700 | 2.000 | 1.250 | 5.0000 |" in out
+    assert f"| {ft} | 1 | 1.250 | 1.250 | - | - | - |" in out
