@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from data import LABELS, DataError, add_data_args, batch_indices, batches, collate, encode, load_split, unscored_words
 from evaluate import SETTINGS, entity_scores
-from model import (Diverged, ModelError, add_runtime_args, group_of, is_checkpoint, load_tagger, precision, save_checkpoint,
-                   set_trainable, tagging_loss, write_json)
+from model import (Diverged, ModelError, add_runtime_args, body_output, group_of, is_checkpoint, load_tagger, precision,
+                   save_checkpoint, set_trainable, tagging_loss, write_json)
 
 ALIASES = {"full": 1, "ht": 2, "head": 2, "at": 3, "adapter": 3, "meta": 4, "ft-priming": 5, "maml": 6, "one-step": 7}
 TRAINABLE = {1: ("body", "head"), 2: ("head",), **{s: ("adapter", "head") for s in range(3, 8)}}
@@ -107,12 +107,11 @@ def word_features(model, examples, pad_id, batch_size=128, bf16=False):
     """The frozen body's output (eval mode: no dropout) at each word's first sub-word, per example
     ([words_i, hidden]), with the matching labels. Adapter and head act per position, so training
     and prediction can run on these alone."""
-    model.body.eval()
     device = next(model.parameters()).device
     feats = [None] * len(examples)
     for idx, batch in batches(examples, batch_size, pad_id, device=device):
         with precision(device, bf16):
-            h = model.features(batch["input_ids"], batch["attention_mask"])
+            h = body_output(model, batch, dropout=False)
         for row, i in enumerate(idx):
             feats[i] = h[row, [pos for pos, _ in examples[i]["first"]]]
     labels = [torch.tensor([l for l in ex["labels"] if l != -100], device=device) for ex in examples]
@@ -155,9 +154,7 @@ def batch_loss(model, examples, idx, args, pad_id, frozen_body, cache=None):
         return tagging_loss(logits, torch.cat([cache["labels"][i] for i in idx]))
     batch = collate([examples[i] for i in idx], pad_id, args.device)
     if frozen_body:
-        with torch.no_grad():
-            h = model.features(batch["input_ids"], batch["attention_mask"])
-        logits = model(features=h)
+        logits = model(features=body_output(model, batch))
     else:
         logits = model(batch["input_ids"], batch["attention_mask"])
     return tagging_loss(logits, batch["labels"])
@@ -270,8 +267,8 @@ def main(args):
         data = {split: encode(load_split(lang, split, args.data_dir, args.synthetic, n), tokenizer, args.max_len)
                 for split, n in sizes.items()}  # tokenized once for all seeds
         for split, examples in data.items():
-            if unscored_words(examples):
-                print(f"{lang} {split}: {unscored_words(examples)} words lie beyond --max-len {args.max_len} "
+            if n := unscored_words(examples):
+                print(f"{lang} {split}: {n} words lie beyond --max-len {args.max_len} "
                       "(or have no sub-word); they are predicted O and still scored")
         caches = {}
         if "body" not in groups:  # a frozen body gives the same outputs to every epoch and seed

@@ -84,6 +84,16 @@ class Tagger(nn.Module):
         return self.head(self.adapter(h) if self.adapter is not None else h)
 
 
+@torch.no_grad()
+def body_output(model, batch, dropout=True):
+    """The frozen body's output without autograd, in the model's mode; dropout=False runs it in eval mode."""
+    training = model.body.training
+    model.body.train(training and dropout)
+    h = model.features(batch["input_ids"], batch["attention_mask"])
+    model.body.train(training)
+    return h
+
+
 def tagging_loss(logits, labels):
     """Mean token cross-entropy over labelled (first sub-word) positions; logits [..., labels]."""
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)

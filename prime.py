@@ -33,8 +33,8 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from data import LABELS, DataError, add_data_args, collate, encode, load_split, meta_batches, steps_per_epoch
-from model import (Diverged, ModelError, add_runtime_args, group_of, load_tagger, named_group_params, precision, save_checkpoint,
-                   tagging_loss, write_json)
+from model import (Diverged, ModelError, add_runtime_args, body_output, group_of, load_tagger, named_group_params, precision,
+                   save_checkpoint, tagging_loss, write_json)
 
 
 INNER_GROUPS = {"pe": ("adapter", "head"), "all": ("body", "adapter", "head")}  # what the inner loop updates
@@ -86,16 +86,6 @@ def fast_adapt(model, support, names, steps, lr, features=None):
         fast = {n: (w - lr * g).detach().requires_grad_() for (n, w), g in zip(fast.items(), grads)}
         losses.append(loss.detach())
     return fast, [loss.item() for loss in losses]
-
-
-@torch.no_grad()
-def body_output(model, batch, dropout):
-    """The body's output without autograd; dropout=False runs it in eval mode."""
-    training = model.body.training
-    model.body.train(training and dropout)
-    h = model.features(batch["input_ids"], batch["attention_mask"])
-    model.body.train(training)
-    return h
 
 
 def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, support_pass="cached"):
