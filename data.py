@@ -176,10 +176,11 @@ def batches(examples, batch_size, pad_id, shuffle=False, seed=0, device=None):
 # ----------------------------------------------------------------------------- priming tasks
 def meta_batches(examples_by_lang, support_size, query_size, seed):
     """One epoch of priming meta-batches. A task is a (support, query) pair of disjoint example lists
-    drawn from ONE source language; a meta-batch holds one task per source language (in the given
-    order). Each language is shuffled once per epoch and cut into consecutive support+query
-    chunks; the epoch ends when the smallest language runs out. (The paper does not say how tasks
-    are built; this is our choice.)"""
+    drawn from ONE source language; a meta-batch holds one task per source language, in an order drawn
+    per meta-batch from `seed` (the paper's head reset takes the FIRST task of the sampled batch, so no
+    language may always come first). Each language is shuffled once per epoch and cut into consecutive
+    support+query chunks; the epoch ends when the smallest language runs out. (The paper does not say
+    how tasks are built; this is our choice.)"""
     rng = random.Random(seed)
     shuffled = {}
     for lang, examples in examples_by_lang.items():
@@ -189,8 +190,10 @@ def meta_batches(examples_by_lang, support_size, query_size, seed):
     size = support_size + query_size
     steps = min(len(ex) for ex in shuffled.values()) // size
     for k in range(steps):
-        yield [(ex[k * size: k * size + support_size], ex[k * size + support_size: (k + 1) * size])
-               for ex in shuffled.values()]
+        tasks = [(ex[k * size: k * size + support_size], ex[k * size + support_size: (k + 1) * size])
+                 for ex in shuffled.values()]
+        rng.shuffle(tasks)
+        yield tasks
 
 
 def steps_per_epoch(examples_by_lang, support_size, query_size):

@@ -20,8 +20,6 @@ import os
 import statistics
 import sys
 
-from seqeval.metrics import f1_score, precision_score, recall_score
-
 SETTINGS = {1: "Full FT", 2: "HT", 3: "AT", 4: "Meta Priming -> AT", 5: "FT Priming -> AT",
             6: "MP [MAML Loop] -> AT", 7: "MP [1 Inner Step] -> AT"}
 TARGETS = ["hi", "af", "az", "lt", "et", "nl"]
@@ -35,6 +33,7 @@ PAPER = {s: dict(zip(TARGETS, v)) for s, v in PAPER.items()}
 
 def entity_scores(gold, pred):
     """Micro precision/recall/F1 (in %) over entities; gold and pred are lists of IOB2 tag lists."""
+    from seqeval.metrics import f1_score, precision_score, recall_score  # here: it costs ~1.5 s of imports (scikit-learn)
     assert len(gold) == len(pred) and all(len(g) == len(p) for g, p in zip(gold, pred)), "length mismatch"
     kw = {"zero_division": 0}  # no entity predicted (or none in gold): 0, silently
     return {"precision": 100 * precision_score(gold, pred, **kw), "recall": 100 * recall_score(gold, pred, **kw),

@@ -19,22 +19,22 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
-import transformers
 from tqdm import tqdm
 
 from data import LABELS, DataError, add_data_args, batch_indices, batches, collate, encode, load_split, unscored_words
 from evaluate import SETTINGS, entity_scores
-from model import (Diverged, ModelError, add_runtime_args, body_output, group_of, is_checkpoint, load_tagger, precision,
-                   save_checkpoint, set_trainable, tagging_loss, write_json)
+from model import (Diverged, ModelError, add_runtime_args, body_output, decay_unused_rows, group_of, is_checkpoint, keep_used_rows,
+                   load_tagger, portable, precision, restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions,
+                   write_json)
 
 ALIASES = {"full": 1, "ht": 2, "head": 2, "at": 3, "adapter": 3, "meta": 4, "ft-priming": 5, "maml": 6, "one-step": 7}
 TRAINABLE = {1: ("body", "head"), 2: ("head",), **{s: ("adapter", "head") for s in range(3, 8)}}
 RECIPES = {"full": {"lr": 5e-5, "epochs": 5}, "pe": {"lr": 1e-3, "epochs": 10}}  # see the docstring
+PRIMING = {4: "meta", 5: "ft", 6: "maml", 7: "one-step"}  # the priming variant each primed setting starts from
 DEFAULT_MODEL = "bert-base-multilingual-cased"
 
 
@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help=f"pretrained encoder (default {DEFAULT_MODEL}; for 4-7, "
                                                   "checked against the primed checkpoint's base model)")
     p.add_argument("--init", default=None, help="primed checkpoint directory (settings 4-7)")
+    p.add_argument("--allow-any-priming", action="store_true",
+                   help="settings 4-7: accept a checkpoint primed with another variant than the setting's (experiments)")
     p.add_argument("--seed", type=int, nargs="+", default=[1], help="one run per seed")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-5 full FT, 1e-3 head/adapter)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 5 full FT, 10 head/adapter)")
@@ -68,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--dev-size", type=int, default=None, help="first N validation sentences (all)")
     p.add_argument("--test-size", type=int, default=None, help="first N test sentences (all)")
     p.add_argument("--save-model", action="store_true", help="also save the trained groups (safetensors)")
+    p.add_argument("--vocab-rows", choices=["used", "all"], default="used",
+                   help="setting 1: train only the word-embedding rows of ids in the language's data (exact, faster with a "
+                        "large vocabulary; model.UsedRows), or all")
     p.add_argument("--cache-body", action="store_true",
                    help="settings 2-7: run the frozen body once, in eval mode (no dropout in the body), and train "
                         "adapter+head on its cached outputs for every epoch and seed")
@@ -89,6 +94,12 @@ def build_model(args):
         model, tokenizer, info = load_tagger(args.init, LABELS)
         if args.model and args.model != info["base_model"]:
             raise ModelError(f"--init {args.init} was primed from {info['base_model']!r}, not from --model {args.model!r}")
+        primed_as, expected = info.get("variant", "unknown"), PRIMING[args.setting]
+        if primed_as != expected:
+            if not args.allow_any_priming:
+                raise ModelError(f"--init {args.init} was primed as {primed_as!r}, but setting {args.setting} "
+                                 f"({SETTINGS[args.setting]}) starts from {expected!r} priming; pass --allow-any-priming to use it anyway")
+            print(f"finetune.py: note: setting {args.setting} starts from {primed_as!r} priming (--allow-any-priming)", file=sys.stderr)
         return model, tokenizer, info
     if args.init:
         raise ModelError(f"setting {args.setting} starts from the pretrained --model; --init is for settings 4-7")
@@ -114,7 +125,7 @@ def word_features(model, examples, pad_id, batch_size=128, bf16=False):
             h = body_output(model, batch, dropout=False)
         for row, i in enumerate(idx):
             feats[i] = h[row, [pos for pos, _ in examples[i]["first"]]]
-    labels = [torch.tensor([l for l in ex["labels"] if l != -100], device=device) for ex in examples]
+    labels = [torch.tensor([l for l in ex["labels"] if l != -100], dtype=torch.long, device=device) for ex in examples]
     return {"features": feats, "labels": labels}
 
 
@@ -173,6 +184,7 @@ def train_epoch(model, optimizer, schedule, examples, args, pad_id, seed, cache=
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
+        decay_unused_rows(model, optimizer)
         schedule.step()
         losses.append(loss.detach())
     losses = torch.stack(losses)
@@ -186,6 +198,15 @@ def train_epoch(model, optimizer, schedule, examples, args, pad_id, seed, cache=
 def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None):
     """Train the setting's groups from the model as given; write OUT/{result.json, predictions.conll, log.jsonl}.
     caches: word_features of the splits, for a frozen body ("train" only with --cache-body)."""
+    if "body" in TRAINABLE[args.setting] and args.vocab_rows == "used":
+        keep_used_rows(model, [ex for examples in data.values() for ex in examples])
+    try:
+        return train_groups(args, lang, seed, model, tokenizer, info, data, out, caches)
+    finally:
+        restore_vocab(model)
+
+
+def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches):
     start = time.time()
     caches = caches or {}
     pad_id = tokenizer.pad_token_id
@@ -193,8 +214,9 @@ def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None):
     trainable, total = set_trainable(model, groups)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * -(-len(data["train"]) // args.batch_size)
-    schedule = transformers.get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
-    best = {"f1": -1.0}
+    from transformers import get_linear_schedule_with_warmup
+    schedule = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
+    best, trainable_names = {"f1": -1.0}, {n for n, p in model.named_parameters() if p.requires_grad}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "log.jsonl"), "w") as log:
         for epoch in range(1, args.epochs + 1):
@@ -208,8 +230,9 @@ def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None):
                                   "elapsed_s": round(time.time() - start, 1)}) + "\n")
             log.flush()
             if dev["f1"] > best["f1"]:
-                best = {"f1": dev["f1"], "epoch": epoch, "dev": dev,
-                        "state": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
+                best = {"f1": dev["f1"], "epoch": epoch, "dev": dev,  # (and the unused embedding rows, decayed so far)
+                        "state": {n: t.clone() for n, t in model.state_dict().items()
+                                  if n.endswith("word_embeddings.full") or n in trainable_names}}
             print(f"s{args.setting} {lang} seed{seed} epoch {epoch}: train loss {train_loss:.4f} dev F1 {dev['f1']:.2f}")
     model.load_state_dict(best["state"], strict=False)
     test, preds = score(model, data["test"], args, pad_id, caches.get("test"))
@@ -218,6 +241,7 @@ def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None):
             f.write("".join(f"{t} {g} {p}\n" for t, g, p in zip(ex["tokens"], ex["tags"], pred)) + "\n")
     os.replace(os.path.join(out, "predictions.conll.tmp"), os.path.join(out, "predictions.conll"))
     if args.save_model:
+        restore_vocab(model)
         save_checkpoint(out, model, tokenizer, groups, info["base_model"], LABELS,
                         init=None if "body" in groups else (args.init or args.model or DEFAULT_MODEL))
     result = {"setting": args.setting, "setting_name": SETTINGS[args.setting], "lang": lang, "seed": seed,
@@ -225,9 +249,8 @@ def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None):
               "dev_f1": best["f1"], "best_epoch": best["epoch"], "trainable_params": trainable, "total_params": total,
               "trainable_percent": 100 * trainable / total, "base_model": info["base_model"], "init": args.init,
               "sizes": {k: len(v) for k, v in data.items()},
-              "unscored_test_words": unscored_words(data["test"]), "config": {**vars(args), "lang": lang, "seed": seed},
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "python": platform.python_version()},
+              "unscored_test_words": unscored_words(data["test"]),
+              "config": {**vars(args), "data_dir": portable(args.data_dir), "lang": lang, "seed": seed}, "versions": versions(),
               "wall_time_s": round(time.time() - start, 1)}
     write_json(os.path.join(out, "result.json"), result)  # last: marks the run as done
     print(f"s{args.setting} {lang} seed{seed}: test F1 {test['f1']:.2f} (dev {best['f1']:.2f}, epoch {best['epoch']})")

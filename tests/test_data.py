@@ -106,13 +106,26 @@ def test_meta_batches_one_task_per_language_disjoint():
     assert len(steps) == data.steps_per_epoch(by_lang, 4, 6) == 3
     used = []
     for tasks in steps:
-        assert [t[0][0]["id"][0] for t in tasks] == ["en", "es"]  # one task per language, in order
+        assert sorted(t[0][0]["id"][0] for t in tasks) == ["en", "es"]  # one task per language
         for support, query in tasks:
             assert len(support) == 4 and len(query) == 6
             assert len({ex["id"][0] for ex in support + query}) == 1  # one language per task
             used += [ex["id"] for ex in support + query]
     assert len(used) == len(set(used))  # support and query disjoint, no sentence twice in an epoch
     assert [t[0][0] for t in steps[0]] == [t[0][0] for t in next(data.meta_batches(by_lang, 4, 6, seed=0))]
+
+
+def test_task_order_is_drawn_per_meta_batch_from_the_seed():
+    """Regression: the head reset takes the first task's head, and the first task was always the first
+    --sources language. Now the order is drawn per meta-batch (same seed, same order; the tasks themselves
+    are the ones the fixed order had)."""
+    by_lang = {lang: [{"id": (lang, i)} for i in range(400)] for lang in ("en", "es", "de")}
+    firsts = [tasks[0][0][0]["id"][0] for tasks in data.meta_batches(by_lang, 4, 6, seed=1)]
+    assert len(firsts) == 40 and set(firsts) == {"en", "es", "de"} and min(map(firsts.count, "en es de".split())) >= 6
+    assert firsts == [tasks[0][0][0]["id"][0] for tasks in data.meta_batches(by_lang, 4, 6, seed=1)]
+    assert firsts != [tasks[0][0][0]["id"][0] for tasks in data.meta_batches(by_lang, 4, 6, seed=2)]
+    by_task = lambda seed: [sorted((s[0]["id"], q[-1]["id"]) for s, q in tasks) for tasks in data.meta_batches(by_lang, 4, 6, seed)]
+    assert by_task(1) == by_task(1) and by_task(1) != by_task(2)
 
 
 def test_cli_reports_tokenizer_coverage(tmp_path, tiny_dir):

@@ -1,6 +1,8 @@
 """The seven settings train exactly their groups; outputs are complete and re-scorable; --init is checked."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,31 +17,37 @@ SMALL = ["--synthetic", "--train-size", "40", "--dev-size", "20", "--test-size",
 
 
 @pytest.fixture(scope="module")
-def primed_dir(tiny_dir, tmp_path_factory):
-    """A stand-in primed checkpoint: the tiny model with every weight moved, adapter included."""
-    tagger, tokenizer, _ = model.load_tagger(tiny_dir, data.LABELS, adapter_dim=8)
-    with torch.no_grad():
-        for p in tagger.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = str(tmp_path_factory.mktemp("primed"))
-    model.save_checkpoint(path, tagger, tokenizer, ("body", "adapter", "head"), tiny_dir, data.LABELS)
-    return path
+def primed_dirs(tiny_dir, tmp_path_factory):
+    """Stand-in primed checkpoints, one per variant (meta, ft, maml, one-step): the tiny model with every
+    weight moved (differently per variant), adapter included, recording its variant as prime.py does."""
+    dirs = {}
+    for k, variant in enumerate(finetune.PRIMING.values()):
+        tagger, tokenizer, _ = model.load_tagger(tiny_dir, data.LABELS, adapter_dim=8)
+        torch.manual_seed(k)
+        with torch.no_grad():
+            for p in tagger.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        dirs[variant] = str(tmp_path_factory.mktemp(f"primed-{variant}"))
+        model.save_checkpoint(dirs[variant], tagger, tokenizer, ("body", "adapter", "head"), tiny_dir, data.LABELS,
+                              extra={"variant": variant})
+    return dirs
 
 
-def args_for(setting, tiny_dir, primed_dir, out, extra=()):
-    init = ["--init", primed_dir] if setting >= 4 else []
+def args_for(setting, tiny_dir, primed_dirs, out, extra=()):
+    init = ["--init", primed_dirs[finetune.PRIMING[setting]]] if setting >= 4 else []
     return finetune.parse_args(["--setting", str(setting), "--lang", "hi", "--model", tiny_dir, "--out", str(out)]
                                + init + SMALL + list(extra))
 
 
 @pytest.mark.parametrize("setting", range(1, 8))
-def test_settings_train_exactly_their_groups(setting, tiny_dir, primed_dir, tmp_path):
-    args = args_for(setting, tiny_dir, primed_dir, tmp_path)
+def test_settings_train_exactly_their_groups(setting, tiny_dir, primed_dirs, tmp_path):
+    args = args_for(setting, tiny_dir, primed_dirs, tmp_path)
     tagger, tokenizer, info = finetune.build_model(args)
     finetune.reset_new_groups(tagger, setting, seed=1)
     assert (tagger.adapter is None) == (setting <= 2)
-    primed, _, _ = model.load_tagger(primed_dir, data.LABELS)
-    if setting >= 4:  # primed body and adapter, new head
+    if setting >= 4:  # its own variant's primed body and adapter, new head
+        primed, _, primed_info = model.load_tagger(primed_dirs[finetune.PRIMING[setting]], data.LABELS)
+        assert info["variant"] == primed_info["variant"] == finetune.PRIMING[setting]
         assert torch.equal(tagger.adapter.up.weight, primed.adapter.up.weight)
         assert torch.equal(tagger.body.embeddings.word_embeddings.weight, primed.body.embeddings.word_embeddings.weight)
         assert not torch.equal(tagger.head.weight, primed.head.weight)
@@ -56,8 +64,8 @@ def test_settings_train_exactly_their_groups(setting, tiny_dir, primed_dir, tmp_
     assert result["total_params"] == sum(counts.values())
 
 
-def test_outputs_rescore_and_rerun_skips(tiny_dir, primed_dir, tmp_path):
-    args = args_for(3, tiny_dir, primed_dir, tmp_path, ["--seed", "1", "2", "--epochs", "2"])
+def test_outputs_rescore_and_rerun_skips(tiny_dir, primed_dirs, tmp_path):
+    args = args_for(3, tiny_dir, primed_dirs, tmp_path, ["--seed", "1", "2", "--epochs", "2"])
     finetune.main(args)
     run = tmp_path / "hi" / "seed2"
     with open(run / "result.json") as f:
@@ -74,23 +82,76 @@ def test_outputs_rescore_and_rerun_skips(tiny_dir, primed_dir, tmp_path):
     assert os.path.getmtime(run / "result.json") == stamp
 
 
-def test_seeds_in_one_process_match_separate_runs(tiny_dir, primed_dir, tmp_path):
+def test_seeds_in_one_process_match_separate_runs(tiny_dir, primed_dirs, tmp_path):
     """Each seed restarts from the same primed body/adapter, whatever ran before it in the process."""
-    finetune.main(args_for(4, tiny_dir, primed_dir, tmp_path / "both", ["--seed", "1", "2"]))
-    finetune.main(args_for(4, tiny_dir, primed_dir, tmp_path / "alone", ["--seed", "2"]))
+    finetune.main(args_for(4, tiny_dir, primed_dirs, tmp_path / "both", ["--seed", "1", "2"]))
+    finetune.main(args_for(4, tiny_dir, primed_dirs, tmp_path / "alone", ["--seed", "2"]))
     read = lambda d: json.load(open(tmp_path / d / "hi" / "seed2" / "result.json"))
     assert read("both")["test_f1"] == read("alone")["test_f1"] and read("both")["dev_f1"] == read("alone")["dev_f1"]
     assert open(tmp_path / "both/hi/seed2/predictions.conll").read() == open(tmp_path / "alone/hi/seed2/predictions.conll").read()
 
 
-def test_init_is_required_checked_and_refused(tiny_dir, primed_dir, tmp_path):
+def test_init_is_required_checked_and_refused(tiny_dir, primed_dirs, tmp_path):
     with pytest.raises(model.ModelError, match="needs --init"):
         finetune.build_model(finetune.parse_args(["--setting", "meta", "--lang", "hi", "--out", str(tmp_path)]))
     with pytest.raises(model.ModelError, match="--init is for settings 4-7"):
-        finetune.build_model(args_for(2, tiny_dir, primed_dir, tmp_path, ["--init", primed_dir]))
-    args = args_for(4, "other-bert", primed_dir, tmp_path)
+        finetune.build_model(args_for(2, tiny_dir, primed_dirs, tmp_path, ["--init", primed_dirs["meta"]]))
+    args = args_for(4, "other-bert", primed_dirs, tmp_path)
     with pytest.raises(model.ModelError, match=f"primed from '{tiny_dir}', not from --model 'other-bert'"):
         finetune.build_model(args)
+
+
+@pytest.mark.parametrize("setting", [4, 5, 6, 7])
+def test_primed_settings_refuse_another_variant(setting, tiny_dir, primed_dirs, tmp_path):
+    """Regression: settings 4-7 accepted any primed checkpoint. Each refuses the other three variants (one
+    line, exit 2 from the script), unless --allow-any-priming."""
+    for variant, path in primed_dirs.items():
+        argv = ["--setting", str(setting), "--lang", "hi", "--model", tiny_dir, "--out", str(tmp_path), "--init", path]
+        if variant == finetune.PRIMING[setting]:
+            finetune.build_model(finetune.parse_args(argv))
+            continue
+        with pytest.raises(model.ModelError, match=f"primed as '{variant}', but setting {setting} .* starts from "
+                                                    f"'{finetune.PRIMING[setting]}' priming; pass --allow-any-priming"):
+            finetune.build_model(finetune.parse_args(argv))
+        assert finetune.build_model(finetune.parse_args(argv + ["--allow-any-priming"]))[2]["variant"] == variant
+    r = subprocess.run([sys.executable, "finetune.py", *argv[:-1], primed_dirs["meta" if setting != 4 else "ft"], "--synthetic"],
+                       capture_output=True, text=True, cwd=os.path.dirname(finetune.__file__))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pass --allow-any-priming" in r.stderr
+
+
+def write_split(path, sentences):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join("".join(f"{t}\t{g}\n" for t, g in zip(*s)) for s in sentences))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_sentences_without_a_scorable_word_train_and_score(tiny_dir, tmp_path, cache):
+    """Regression: a sentence whose every word has zero sub-words (here zero-width and soft-hyphen characters,
+    which BERT's tokenizer drops) crashed adapter tuning with --cache-body (its empty label tensor was float);
+    a batch of only such sentences would give a 0/0 loss. They must train, and score: predicted O, a gold
+    entity among them counts as a miss."""
+    empty = [(["\u200b", "\u00ad"], ["O", "O"]), (["\u200b"], ["B-PER"])]
+    for split, n in [("train", 40), ("validation", 10), ("test", 10)]:
+        sentences = data.load_split("hi", split, synthetic=True, limit=n)
+        write_split(str(tmp_path / "data" / "hi" / f"{split}.tsv"), sentences[:3] + empty * 3 + sentences[3:])
+    argv = ["--setting", "3", "--lang", "hi", "--model", tiny_dir, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o"),
+            "--epochs", "2", "--batch-size", "4", "--device", "cpu"] + (["--cache-body"] if cache else [])
+    finetune.main(finetune.parse_args(argv))
+    result = json.load(open(tmp_path / "o" / "hi" / "seed1" / "result.json"))
+    assert result["sizes"]["train"] == 46 and result["unscored_test_words"] == 9
+    gold, pred = read_predictions(tmp_path / "o" / "hi" / "seed1" / "predictions.conll")
+    assert len(gold) == 16 and pred[3:9] == [["O", "O"], ["O"]] * 3 and gold[4] == ["B-PER"]
+    loss = model.tagging_loss(torch.zeros(2, 3, 7, requires_grad=True), torch.full((2, 3), -100))
+    assert loss.item() == 0.0
+
+
+def test_results_record_paths_relative_to_the_repo(tiny_dir, tmp_path):
+    """Regression: result.json recorded the absolute data_dir of the machine (/work/main/../shared/wikiann)."""
+    repo = os.path.dirname(os.path.abspath(finetune.__file__))
+    assert model.portable(os.path.join(repo, "..", "shared", "wikiann")) == os.path.join("..", "shared", "wikiann")
+    assert model.portable(os.path.join(repo, "runs", "x")) == os.path.join("runs", "x")
+    assert model.portable("/elsewhere/data") == "/elsewhere/data" and model.portable(None) is None
 
 
 def test_setting_names_and_recipes():
@@ -101,11 +162,6 @@ def test_setting_names_and_recipes():
     a = finetune.parse_args(["--setting", "1", "--lang", "hi", "--out", "x"])
     b = finetune.parse_args(["--setting", "4", "--lang", "hi", "--out", "x"])
     assert (a.lr, a.epochs, b.lr, b.epochs) == (5e-5, 5, 1e-3, 10)
-
-
-@pytest.fixture(scope="module")
-def tiny_nodrop_dir(tmp_path_factory):
-    return model.make_tiny_bert(str(tmp_path_factory.mktemp("tiny-nodrop")), dropout=0.0)
 
 
 @pytest.mark.parametrize("setting", [2, 3])
@@ -138,3 +194,18 @@ def test_predict_from_cached_features_equals_full_forward(tiny, tiny_dir):
     plain = finetune.predict(tagger, examples, tokenizer.pad_token_id, batch_size=16)
     assert finetune.predict(tagger, examples, tokenizer.pad_token_id, batch_size=16, cache=cache) == plain
     assert len({t for sent in plain for t in sent}) > 2  # the comparison is not between all-O outputs
+
+
+def test_used_vocab_rows_full_finetuning_is_the_same(tiny_nodrop_dir, tmp_path):
+    """Setting 1 with --vocab-rows used (default) and all: same F1, epoch and saved weights."""
+    runs = {}
+    for rows in ("used", "all"):
+        out = tmp_path / rows
+        finetune.main(finetune.parse_args(["--setting", "1", "--lang", "hi", "--model", tiny_nodrop_dir, "--out", str(out),
+                                           "--save-model", "--lr", "1e-3", "--vocab-rows", rows] + SMALL + ["--epochs", "3"]))
+        with open(out / "hi" / "seed1" / "result.json") as f:
+            runs[rows] = json.load(f), model.load_tagger(str(out / "hi" / "seed1"), data.LABELS)[0].state_dict()
+    (a, wa), (b, wb) = runs["used"], runs["all"]
+    assert (a["test_f1"], a["dev_f1"], a["best_epoch"], a["trainable_params"]) == (b["test_f1"], b["dev_f1"], b["best_epoch"], b["trainable_params"])
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -120,3 +120,45 @@ def test_mbert_parameter_counts_quoted_in_the_readme():
     assert (counts["head"], counts["adapter"] + counts["head"]) == (5383, 104519)
     assert round(100 * counts["head"] / (counts["body"] + counts["head"]), 4) == 0.0030  # paper: 3e-3%
     assert round(100 * (counts["adapter"] + counts["head"]) / sum(counts.values()), 3) == 0.059
+
+
+def test_used_rows_leave_outputs_and_adamw_training_unchanged(tiny_nodrop_dir):
+    """The vocabulary lever is exact: with only the used embedding rows as a parameter, the logits on the data are
+    equal, and after AdamW steps (weight decay on) every parameter matches training the full matrix; the unused
+    rows take exactly the decay AdamW gives them, so the merged matrix equals the full run's."""
+    examples = data.encode(data.load_split("hi", "train", synthetic=True, limit=24), model.load_pretrained(tiny_nodrop_dir)[1], 32)
+    batches = [data.collate(examples[k:k + 8], 0) for k in range(0, 24, 8)]
+    runs = {}
+    for used in (False, True):
+        torch.manual_seed(0)
+        tagger, _, _ = model.load_tagger(tiny_nodrop_dir, data.LABELS, adapter_dim=0)
+        counts = model.param_counts(tagger)
+        if used:
+            n = model.keep_used_rows(tagger, examples)
+            assert n < tagger.body.embeddings.word_embeddings.full.shape[0] / 4  # most rows are unused here
+            assert tagger.body.embeddings.word_embeddings.weight.shape[0] == n + 1  # + the padding row
+            assert model.param_counts(tagger) == counts  # counts still report the whole vocabulary
+            assert torch.equal(tagger(**{k: batches[0][k] for k in ("input_ids", "attention_mask")}), runs[False]["logits0"])
+        else:
+            runs[False] = {"logits0": tagger(batches[0]["input_ids"], batches[0]["attention_mask"]).detach()}
+        optimizer = torch.optim.AdamW(tagger.parameters(), lr=1e-2, weight_decay=0.1)
+        for step in range(6):
+            b = batches[step % 3]
+            optimizer.zero_grad()
+            model.tagging_loss(tagger(b["input_ids"], b["attention_mask"]), b["labels"]).backward()
+            optimizer.step()
+            model.decay_unused_rows(tagger, optimizer)
+        model.restore_vocab(tagger)
+        assert isinstance(tagger.body.embeddings.word_embeddings, torch.nn.Embedding)
+        runs[used] = {**runs.get(used, {}), "state": tagger.state_dict()}
+    full, used = runs[False]["state"], runs[True]["state"]
+    assert full.keys() == used.keys()
+    for k in full:
+        torch.testing.assert_close(used[k], full[k], rtol=1e-5, atol=1e-6, msg=k)
+    ids = sorted({i for ex in examples for i in ex["input_ids"]} | {0})
+    unused = torch.ones(full["body.embeddings.word_embeddings.weight"].shape[0], dtype=torch.bool)
+    unused[ids] = False
+    w_full, w_used = full["body.embeddings.word_embeddings.weight"], used["body.embeddings.word_embeddings.weight"]
+    assert torch.equal(w_used[unused], w_full[unused])  # bit-exact decay of the rows the data never uses
+    original = model.load_tagger(tiny_nodrop_dir, data.LABELS, adapter_dim=0)[0].body.embeddings.word_embeddings.weight
+    assert not torch.equal(w_full[unused], original[unused])  # ...which did move (weight decay), so the check has teeth

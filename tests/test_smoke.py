@@ -36,8 +36,11 @@ def test_smoke_preset_prints_seven_rows(reference):
     rows = table_rows(stdout)
     assert [r.split(" | ")[1] for r in rows] == NAMES
     assert all(r.count(" | ") == 9 and " - " not in r and "diverged" not in r for r in rows)  # 6 targets + avg, all filled
-    for name in ["meta", "ft", "maml", "one-step"]:
-        assert (out / "prime" / name / "checkpoint.json").exists() and not (out / "prime" / name / "resume.pt").exists()
+    for setting, name in {4: "meta", 5: "ft", 6: "maml", 7: "one-step"}.items():
+        assert not (out / "prime" / name / "resume.pt").exists()
+        assert json.loads((out / "prime" / name / "checkpoint.json").read_text())["variant"] == name  # not swapped
+        for result in out.glob(f"finetune/s{setting}/*/seed1/result.json"):
+            assert json.loads(result.read_text())["init"].endswith(f"prime/{name}")
     assert len(list(out.glob("finetune/s*/*/seed1/result.json"))) == 42
     assert (out / "table1.md").read_text() in stdout and (out / "table1.csv").exists()
 
