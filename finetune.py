@@ -25,14 +25,15 @@ import time
 import torch
 from tqdm import tqdm
 
+import pe
 from data import LABELS, DataError, add_data_args, batch_indices, batches, collate, encode, load_split, unscored_words
 from evaluate import SETTINGS, entity_scores
-from model import (Diverged, ModelError, add_runtime_args, body_output, decay_unused_rows, group_of, is_checkpoint, keep_used_rows,
-                   load_tagger, portable, precision, restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions,
+from model import (Diverged, ModelError, add_runtime_args, body_output, decay_unused_rows, in_groups, is_checkpoint, keep_used_rows,
+                   load_tagger, named_group_params, portable, precision, restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions,
                    write_json)
 
 ALIASES = {"full": 1, "ht": 2, "head": 2, "at": 3, "adapter": 3, "meta": 4, "ft-priming": 5, "maml": 6, "one-step": 7}
-TRAINABLE = {1: ("body", "head"), 2: ("head",), **{s: ("adapter", "head") for s in range(3, 8)}}
+TRAINABLE = {1: ("body", "head"), 2: ("head",), **{s: ("pe", "head") for s in range(3, 8)}}  # "pe": the --pe method's
 RECIPES = {"full": {"lr": 5e-5, "epochs": 5}, "pe": {"lr": 1e-3, "epochs": 10}}  # see the docstring
 PRIMING = {4: "meta", 5: "ft", 6: "maml", 7: "one-step"}  # the priming variant each primed setting starts from
 DEFAULT_MODEL = "bert-base-multilingual-cased"
@@ -65,7 +66,6 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-len", type=int, default=128, help="max sub-words per sentence (longer: extra words predicted O)")
-    p.add_argument("--adapter-dim", type=int, default=64, help="adapter bottleneck for setting 3 (4-7: the checkpoint's)")
     p.add_argument("--train-size", type=int, default=None, help="first N training sentences (all)")
     p.add_argument("--dev-size", type=int, default=None, help="first N validation sentences (all)")
     p.add_argument("--test-size", type=int, default=None, help="first N test sentences (all)")
@@ -76,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-body", action="store_true",
                    help="settings 2-7: run the frozen body once, in eval mode (no dropout in the body), and train "
                         "adapter+head on its cached outputs for every epoch and seed")
+    pe.add_args(p)  # setting 3 draws this method new; 4-7 take the checkpoint's (its method must be --pe)
     add_data_args(p)
     add_runtime_args(p)
     args = p.parse_args(argv)
@@ -94,6 +95,9 @@ def build_model(args):
         model, tokenizer, info = load_tagger(args.init, LABELS)
         if args.model and args.model != info["base_model"]:
             raise ModelError(f"--init {args.init} was primed from {info['base_model']!r}, not from --model {args.model!r}")
+        if (info["pe"] or {}).get("method") != args.pe:
+            raise ModelError(f"--init {args.init} was primed for PE method {(info['pe'] or {}).get('method')!r}, "
+                             f"not for --pe {args.pe}; tune it with the method it was primed for")
         primed_as, expected = info.get("variant", "unknown"), PRIMING[args.setting]
         if primed_as != expected:
             if not args.allow_any_priming:
@@ -103,13 +107,13 @@ def build_model(args):
         return model, tokenizer, info
     if args.init:
         raise ModelError(f"setting {args.setting} starts from the pretrained --model; --init is for settings 4-7")
-    return load_tagger(args.model or DEFAULT_MODEL, LABELS, 0 if args.setting < 3 else args.adapter_dim)
+    return load_tagger(args.model or DEFAULT_MODEL, LABELS, adapter_dim=0, pe_config=pe.from_args(args) if args.setting == 3 else None)
 
 
 def reset_new_groups(model, setting, seed):
     torch.manual_seed(seed)
     if setting == 3:
-        model.adapter.reset_parameters()
+        pe.reset(model)
     model.reset_head()
 
 
@@ -244,10 +248,13 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches):
         restore_vocab(model)
         save_checkpoint(out, model, tokenizer, groups, info["base_model"], LABELS,
                         init=None if "body" in groups else (args.init or args.model or DEFAULT_MODEL))
+        if model.pe and model.pe["method"] == "lora":  # peft loads it on top of the body it was tuned from
+            pe.export_peft(model.body, model.pe, os.path.join(out, "peft-lora"),
+                           os.path.join(args.init, "peft-body") if args.init else (args.model or DEFAULT_MODEL))
     result = {"setting": args.setting, "setting_name": SETTINGS[args.setting], "lang": lang, "seed": seed,
               "test_f1": test["f1"], "test_precision": test["precision"], "test_recall": test["recall"],
               "dev_f1": best["f1"], "best_epoch": best["epoch"], "trainable_params": trainable, "total_params": total,
-              "trainable_percent": 100 * trainable / total, "base_model": info["base_model"], "init": args.init,
+              "trainable_percent": 100 * trainable / total, "pe": model.pe, "base_model": info["base_model"], "init": args.init,
               "sizes": {k: len(v) for k, v in data.items()},
               "unscored_test_words": unscored_words(data["test"]),
               "config": {**vars(args), "data_dir": portable(args.data_dir), "lang": lang, "seed": seed}, "versions": versions(),
@@ -281,7 +288,8 @@ def main(args):
     model, tokenizer, info = build_model(args)
     model.to(args.device)
     groups = TRAINABLE[args.setting]
-    start_state = {n: t.clone() for n, t in model.state_dict().items() if group_of(n) in groups}
+    start_state = {n: t.clone() for n, t in model.state_dict().items() if in_groups(model, n, groups)}
+    body_trains = any(n.startswith("body.") for n in named_group_params(model, groups))  # full FT, LoRA, BitFit
     sizes = {"train": args.train_size, "validation": args.dev_size, "test": args.test_size}
     diverged = []
     for lang, seeds in runs.items():
@@ -294,7 +302,7 @@ def main(args):
                 print(f"{lang} {split}: {n} words lie beyond --max-len {args.max_len} "
                       "(or have no sub-word); they are predicted O and still scored")
         caches = {}
-        if "body" not in groups:  # a frozen body gives the same outputs to every epoch and seed
+        if not body_trains:  # a frozen body gives the same outputs to every epoch and seed
             cached = ["validation", "test"] + (["train"] if args.cache_body else [])
             caches = {split: word_features(model, data[split], tokenizer.pad_token_id, args.eval_batch_size, args.bf16)
                       for split in cached}

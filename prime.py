@@ -31,12 +31,13 @@ import torch
 from torch.func import functional_call
 from tqdm import tqdm
 
+import pe
 from data import LABELS, DataError, add_data_args, collate, encode, load_split, meta_batches, steps_per_epoch
 from model import (Diverged, ModelError, add_runtime_args, body_output, decay_unused_rows, group_of, keep_used_rows, load_tagger,
                    named_group_params, portable, precision, restore_vocab, save_checkpoint, tagging_loss, versions, write_json)
 
 
-INNER_GROUPS = {"pe": ("adapter", "head"), "all": ("body", "adapter", "head")}  # what the inner loop updates
+INNER_GROUPS = {"pe": ("pe", "head"), "all": ("body", "pe", "head")}  # what the inner loop updates ("pe": the PE method)
 
 
 def parse_args(argv=None):
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="bert-base-multilingual-cased", help="pretrained encoder (name or path)")
     p.add_argument("--mode", choices=["meta", "ft"], default="meta", help="meta: Algorithm 1; ft: plain fine-tuning priming")
     p.add_argument("--inner-scope", choices=["pe", "all"], default="pe",
-                   help="pe: inner loop updates adapter+head only (paper); all: also the body (MAML loop)")
+                   help="pe: inner loop updates the PE method (--pe) + head only (paper); all: also the body (MAML loop)")
     p.add_argument("--inner-steps", type=int, default=5, help="S, SGD steps per task (paper: 5)")
     p.add_argument("--inner-lr", type=float, default=0.03, help="alpha, inner SGD learning rate (paper: 0.03)")
     p.add_argument("--support-pass", choices=["cached", "cached-eval", "plain"], default="cached",
@@ -61,13 +62,13 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=3, help="passes over the source data (not in the paper)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many meta-steps")
     p.add_argument("--max-len", type=int, default=128, help="max sub-words per sentence")
-    p.add_argument("--adapter-dim", type=int, default=64, help="adapter bottleneck (paper: 64)")
     p.add_argument("--vocab-rows", choices=["used", "all"], default="used",
                    help="used: train only the word-embedding rows of ids in the source data, merged back at the end "
                         "(exact, faster with a large vocabulary; model.UsedRows); all: the whole matrix")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100, help="write OUT/resume.pt every N meta-steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume.pt if an interrupted run left one")
+    pe.add_args(p)
     add_data_args(p)
     add_runtime_args(p)
     return p.parse_args(argv)
@@ -100,7 +101,7 @@ def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, su
     support batch, in the model's mode, so one dropout mask serves the S steps; "cached-eval" the
     same without dropout; "plain" re-runs the body at every inner step (fresh dropout each step)."""
     params = dict(model.named_parameters())
-    cache = support_pass != "plain" and not any(group_of(n) == "body" for n in inner_names)
+    cache = support_pass != "plain" and not any(n.startswith("body.") for n in inner_names)  # LoRA, BitFit: inside the body
     first_head, stats = None, []
     for support, query in tasks:
         support, query = collate(support, pad_id, device), collate(query, pad_id, device)
@@ -153,8 +154,8 @@ def prime_step(model, optimizer, schedule, tasks, args, pad_id):
 
 
 def make_optimizer(model, args, total_steps):
-    """AdamW + linear schedule on body+adapter (meta) or body+adapter+head (ft)."""
-    groups = ("body", "adapter") if args.mode == "meta" else ("body", "adapter", "head")
+    """AdamW + linear schedule on body+PE (meta) or body+PE+head (ft)."""
+    groups = ("body", "pe") if args.mode == "meta" else ("body", "pe", "head")
     optimizer = torch.optim.AdamW(named_group_params(model, groups).values(), lr=args.lr, weight_decay=args.weight_decay)
     from transformers import get_linear_schedule_with_warmup
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
@@ -221,7 +222,7 @@ def truncate_log(path, step):
 def main(args):
     start = time.time()
     torch.manual_seed(args.seed)
-    model, tokenizer, info = load_tagger(args.model, LABELS, args.adapter_dim)
+    model, tokenizer, info = load_tagger(args.model, LABELS, pe_config=pe.from_args(args))
     model.to(args.device)
     sources = {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.train_size), tokenizer, args.max_len)
                for lang in args.sources}
@@ -266,6 +267,9 @@ def main(args):
     restore_vocab(model)
     save_checkpoint(args.out, model, tokenizer, ("body", "adapter", "head"), info["base_model"], LABELS,
                     extra={"variant": variant(args), "priming": recorded_args(args)})
+    if model.pe["method"] == "lora":  # for the peft library: the body as a standard HF model + the LoRA as a peft adapter
+        pe.save_plain_body(model.body, tokenizer, os.path.join(args.out, "peft-body"))
+        pe.export_peft(model.body, model.pe, os.path.join(args.out, "peft-lora"), "peft-body")
     if os.path.exists(state_path):
         os.remove(state_path)  # the checkpoint is complete; the resume state is no longer needed
     write_json(os.path.join(args.out, "config.json"), {**config, "wall_time_s": round(time.time() - start, 1)})

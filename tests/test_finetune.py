@@ -58,10 +58,10 @@ def test_settings_train_exactly_their_groups(setting, tiny_dir, primed_dirs, tmp
     examples = {s: data.encode(data.load_split("hi", s, synthetic=True, limit=n), tokenizer, 64) for s, n in splits.items()}
     result = finetune.train_one(args, "hi", 1, tagger, tokenizer, info, examples, str(tmp_path / "run"))
     moved = {model.group_of(n) for n, p in tagger.named_parameters() if not torch.equal(p, before[n])}
-    assert moved == set(finetune.TRAINABLE[setting])
+    assert moved == {1: {"body", "head"}, 2: {"head"}}.get(setting, {"adapter", "head"})
     counts = model.param_counts(tagger)
-    assert result["trainable_params"] == sum(counts[g] for g in finetune.TRAINABLE[setting])
-    assert result["total_params"] == sum(counts.values())
+    assert result["trainable_params"] == sum(counts[g] for g in moved)
+    assert result["total_params"] == sum(counts[g] for g in model.GROUPS)
 
 
 def test_outputs_rescore_and_rerun_skips(tiny_dir, primed_dirs, tmp_path):
@@ -177,7 +177,7 @@ def test_cached_body_equals_plain_path_without_dropout(tiny_nodrop_dir, tmp_path
         with open(out / "hi" / "seed1" / "result.json") as f:
             runs[cache] = json.load(f), load_file(str(out / "hi" / "seed1" / "model.safetensors"))
     (plain, plain_w), (cached, cached_w) = runs[False], runs[True]
-    assert plain_w.keys() == cached_w.keys() and {k.split(".")[0] for k in plain_w} == set(finetune.TRAINABLE[setting])
+    assert plain_w.keys() == cached_w.keys() and {k.split(".")[0] for k in plain_w} == {2: {"head"}, 3: {"adapter", "head"}}[setting]
     for k in plain_w:
         torch.testing.assert_close(cached_w[k], plain_w[k], rtol=1e-5, atol=1e-6)
     assert (cached["dev_f1"], cached["test_f1"], cached["best_epoch"]) == (plain["dev_f1"], plain["test_f1"], plain["best_epoch"])

@@ -33,7 +33,10 @@ def test_groups_and_counts(tiny):
     assert counts["adapter"] == 2 * hidden * 8 + 8 + hidden
     assert counts["body"] == sum(p.numel() for p in tagger.body.parameters())
     assert set(model.named_group_params(tagger, ("head",))) == {"head.weight", "head.bias"}
-    assert model.set_trainable(tagger, ("adapter", "head")) == (counts["adapter"] + counts["head"], sum(counts.values()))
+    assert counts["pe"] == counts["adapter"] and counts["lora"] == 0
+    total = sum(counts[g] for g in model.GROUPS)
+    assert model.set_trainable(tagger, ("adapter", "head")) == (counts["adapter"] + counts["head"], total)
+    assert model.set_trainable(tagger, ("pe", "head")) == (counts["adapter"] + counts["head"], total)
     assert not any(p.requires_grad for p in tagger.body.parameters())
 
 
@@ -116,10 +119,10 @@ def test_mbert_parameter_counts_quoted_in_the_readme():
     from transformers import BertConfig, BertModel
     config = BertConfig(vocab_size=119547, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                         intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
-    counts = model.param_counts(model.Tagger(model.drop_pooler(BertModel(config)), 7, 64))
+    counts = model.param_counts(model.Tagger(model.drop_pooler(BertModel(config)), 7, model.pe.config("adapter", 64)))
     assert (counts["head"], counts["adapter"] + counts["head"]) == (5383, 104519)
     assert round(100 * counts["head"] / (counts["body"] + counts["head"]), 4) == 0.0030  # paper: 3e-3%
-    assert round(100 * (counts["adapter"] + counts["head"]) / sum(counts.values()), 3) == 0.059
+    assert round(100 * (counts["adapter"] + counts["head"]) / sum(counts[g] for g in model.GROUPS), 3) == 0.059
 
 
 def test_used_rows_leave_outputs_and_adamw_training_unchanged(tiny_nodrop_dir):
