@@ -30,7 +30,7 @@ import torch
 import finetune
 import prime
 from data import LABELS, add_data_args, batch_indices, collate, encode, load_split, meta_batches
-from model import PACKAGED_MINILM, group_of, load_tagger, named_group_params, precision, set_trainable, tagging_loss
+from model import PACKAGED_MINILM, group_of, in_groups, load_tagger, named_group_params, precision, set_trainable, tagging_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,7 +42,7 @@ def naive_meta_gradients(model, tasks, pad_id, steps, lr, scope="pe", device=Non
     first_head = None
     for support, query in tasks:
         m = copy.deepcopy(model)
-        inner = [p for n, p in m.named_parameters() if scope == "all" or group_of(n) in ("adapter", "head")]
+        inner = [p for n, p in m.named_parameters() if scope == "all" or in_groups(m, n, ("pe", "head"))]
         sgd = torch.optim.SGD(inner, lr=lr)
         s, q = collate(support, pad_id, device), collate(query, pad_id, device)
         for _ in range(steps):

@@ -44,11 +44,21 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (the primed checkpoint)")
     p.add_argument("--model", default="bert-base-multilingual-cased", help="pretrained encoder (name or path)")
-    p.add_argument("--mode", choices=["meta", "ft"], default="meta", help="meta: Algorithm 1; ft: plain fine-tuning priming")
+    p.add_argument("--mode", choices=["meta", "ft", "reptile"], default="meta",
+                   help="meta: Algorithm 1; ft: plain fine-tuning priming; reptile: move towards the adapted weights")
     p.add_argument("--inner-scope", choices=["pe", "all"], default="pe",
                    help="pe: inner loop updates the PE method (--pe) + head only (paper); all: also the body (MAML loop)")
     p.add_argument("--inner-steps", type=int, default=5, help="S, SGD steps per task (paper: 5)")
-    p.add_argument("--inner-lr", type=float, default=0.03, help="alpha, inner SGD learning rate (paper: 0.03)")
+    p.add_argument("--inner-lr", type=float, default=0.03, help="alpha, inner learning rate (paper: 0.03, SGD)")
+    p.add_argument("--inner-optimizer", choices=list(INNER_LOOPS), default="sgd",
+                   help="sgd (paper) or adamw (from a zero state per task, as adapter tuning; pair it with its --inner-lr)")
+    p.add_argument("--inner-head", choices=["carry", "fresh"], default="carry",
+                   help="carry: the inner loop starts from the head the last meta-step left (paper); fresh: from a newly "
+                        "drawn head per task, as fine-tuning does (the carried head is still set, and unused)")
+    p.add_argument("--support-batches", type=int, default=1,
+                   help="K: a task's support set is K batches of --support-size, taken in turn by the S steps")
+    p.add_argument("--meta-grad", choices=["first", "second"], default="first",
+                   help="first: first-order meta-gradient (paper); second: differentiate through the inner loop (SGD only)")
     p.add_argument("--support-pass", choices=["cached", "cached-eval", "plain"], default="cached",
                    help="frozen-body inner loop: run the body once per task on the support batch (cached: with one "
                         "dropout mask for all S steps; cached-eval: without dropout) or at every step (plain)")
@@ -71,53 +81,187 @@ def parse_args(argv=None):
     pe.add_args(p)
     add_data_args(p)
     add_runtime_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.meta_grad == "second" and (args.inner_optimizer != "sgd" or args.mode != "meta"):
+        p.error("--meta-grad second differentiates through SGD steps: it needs --inner-optimizer sgd and --mode meta")
+    if min(args.inner_steps, args.support_batches) < 1:
+        p.error("--inner-steps and --support-batches must be >= 1")
+    return args
 
 
-def fast_adapt(model, support, names, steps, lr, features=None, amp=contextlib.nullcontext):
-    """S plain SGD steps on the support batch, on functional copies of the parameters in `names`
-    (the model's own parameters are untouched). Given `features`, the body's output on the support
-    batch (valid when the body is not in `names`), each step runs only adapter+head. `amp()` is the
-    context of forward passes (bf16 autocast); gradients are taken outside it.
-    Returns the adapted copies and the support loss before each step."""
-    params = dict(model.named_parameters())
-    fast = {n: params[n].detach().clone().requires_grad_() for n in names}
-    inputs = ((), {"features": features}) if features is not None else ((support["input_ids"], support["attention_mask"]), {})
-    losses = []
-    for _ in range(steps):
-        with amp():
-            logits = functional_call(model, fast, *inputs)
-        loss = tagging_loss(logits, support["labels"])
+# ----------------------------------------------------------------------------- inner loops
+# Each takes the support batch (or a list of K batches, taken in turn), the names of the parameters it adapts,
+# S, the learning rate, optionally the body's cached output on each support batch (`features`; valid when the
+# body is not adapted), the forward context `amp` and starting values for some copies (`start`, e.g. a fresh
+# head); each returns the adapted copies and the support loss before each step. The model is never modified.
+def fast_adapt(model, support, names, steps, lr, features=None, amp=contextlib.nullcontext, start=None):
+    """The paper's inner loop: S plain SGD steps on functional copies of `names`, first-order (the copies are
+    detached between steps). With `features`, each step runs only adapter+head. `amp()` wraps forward passes
+    (bf16 autocast); gradients are taken outside it."""
+    fast, losses = copies(model, names, start), []
+    for inputs, labels in inner_batches(support, features, steps):
+        loss = support_loss(model, fast, inputs, labels, amp)
         grads = torch.autograd.grad(loss, list(fast.values()))
         fast = {n: (w - lr * g).detach().requires_grad_() for (n, w), g in zip(fast.items(), grads)}
         losses.append(loss.detach())
     return fast, [loss.item() for loss in losses]
 
 
-def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, support_pass="cached", amp=contextlib.nullcontext):
-    """First-order meta-gradient of one meta-batch, summed over its tasks into the .grad of body
-    and adapter. Returns (per-task stats, the first task's adapted head).
-    support_pass (when the body is not in the inner loop): "cached" runs the body once per task on the
-    support batch, in the model's mode, so one dropout mask serves the S steps; "cached-eval" the
-    same without dropout; "plain" re-runs the body at every inner step (fresh dropout each step)."""
+def fast_adapt_adamw(model, support, names, steps, lr, features=None, amp=contextlib.nullcontext, start=None,
+                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    """S steps of AdamW from a zero state, as adapter tuning starts (torch.optim.AdamW's update, functional;
+    weight decay 0.01 and betas as finetune.py uses them), first-order."""
+    fast, losses = copies(model, names, start), []
+    m = {n: torch.zeros_like(w) for n, w in fast.items()}
+    v = {n: torch.zeros_like(w) for n, w in fast.items()}
+    for t, (inputs, labels) in enumerate(inner_batches(support, features, steps), 1):
+        loss = support_loss(model, fast, inputs, labels, amp)
+        grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()))))
+        new = {}
+        for n, w in fast.items():
+            m[n] = torch.lerp(m[n], grads[n], 1 - betas[0])
+            v[n] = v[n] * betas[1] + (1 - betas[1]) * grads[n] * grads[n]
+            denom = (v[n].sqrt() / math.sqrt(1 - betas[1] ** t)) + eps
+            new[n] = (w.detach() * (1 - lr * weight_decay) - (lr / (1 - betas[0] ** t)) * m[n] / denom).requires_grad_()
+        fast = new
+        losses.append(loss.detach())
+    return fast, [loss.item() for loss in losses]
+
+
+def fast_adapt_second_order(model, support, names, steps, lr, features=None, amp=contextlib.nullcontext, start=None):
+    """S SGD steps that keep their graph (torch.func.grad composed with autograd), so that the query loss
+    differentiates THROUGH the inner loop: exact MAML. The copies start as the model's own tensors (not detached),
+    and `features`, if given, must carry their graph to the body (meta_gradients computes them with autograd)."""
     params = dict(model.named_parameters())
+    fast = {n: (start or {}).get(n, params[n]) for n in names}
+    loss_of = lambda fast, inputs, labels: support_loss(model, fast, inputs, labels, amp)
+    losses = []
+    for inputs, labels in inner_batches(support, features, steps):
+        grads, loss = torch.func.grad_and_value(loss_of)(fast, inputs, labels)
+        fast = {n: w - lr * grads[n] for n, w in fast.items()}
+        losses.append(loss.detach())
+    return fast, [loss.item() for loss in losses]
+
+
+INNER_LOOPS = {"sgd": fast_adapt, "adamw": fast_adapt_adamw}
+
+
+def copies(model, names, start=None):
+    """Detached leaf copies of the parameters in `names` (from `start` where given) for a first-order inner loop."""
+    params, start = dict(model.named_parameters()), start or {}
+    return {n: start.get(n, params[n]).detach().clone().requires_grad_() for n in names}
+
+
+def inner_batches(support, features, steps):
+    """The S (inputs, labels) of the inner loop: the support batches (a batch or a list of them) in turn; the
+    inputs are the cached body outputs when given, else the token ids."""
+    support = support if isinstance(support, list) else [support]
+    features = features if isinstance(features, list) or features is None else [features]
+    for k in range(steps):
+        i = k % len(support)
+        inputs = ((), {"features": features[i]}) if features is not None else \
+            ((support[i]["input_ids"], support[i]["attention_mask"]), {})
+        yield inputs, support[i]["labels"]
+
+
+def support_loss(model, fast, inputs, labels, amp):
+    with amp():
+        logits = functional_call(model, fast, *inputs)
+    return tagging_loss(logits, labels)
+
+
+def fresh_head(model):
+    """A newly drawn head, as fine-tuning starts from (Tagger.reset_head's distribution), for --inner-head fresh."""
+    w = model.head.weight
+    return {"head.weight": torch.randn_like(w) * model.body.config.initializer_range, "head.bias": torch.zeros_like(model.head.bias)}
+
+
+# ----------------------------------------------------------------------------- outer gradients
+def task_batches(support, query, pad_id, device, support_batches=1):
+    """A task's K support batches (its support sentences cut in K) and its query batch."""
+    size = -(-len(support) // support_batches)
+    return [collate(support[i:i + size], pad_id, device) for i in range(0, len(support), size)], collate(query, pad_id, device)
+
+
+def support_features(model, supports, support_pass, amp, cache, with_graph=False):
+    """The body's output on each support batch for the inner loop, or None (the body runs at every step)."""
+    if not cache:
+        return None
+    with amp():
+        if with_graph:  # second order: the inner loop's result depends on the body through these
+            return [model.features(s["input_ids"], s["attention_mask"]) for s in supports]
+        return [body_output(model, s, dropout=support_pass == "cached") for s in supports]
+
+
+def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, support_pass="cached", amp=contextlib.nullcontext,
+                   adapt=fast_adapt, inner_head="carry", support_batches=1):
+    """Meta-gradient of one meta-batch, summed over its tasks into the .grad of body and PE parameters. Returns
+    (per-task stats, the first task's adapted head). First-order (fast_adapt, fast_adapt_adamw): the query loss
+    at the adapted copies is backpropagated; parameters outside the inner loop get their gradient directly, the
+    adapted copies' gradients are applied to the originals. Second order (fast_adapt_second_order): the query
+    loss backpropagates through the inner loop into the originals.
+    support_pass (when the body is not in the inner loop): "cached" runs the body once per support batch, in
+    the model's mode, so one dropout mask serves the S steps; "cached-eval" the same without dropout; "plain"
+    re-runs the body at every inner step (fresh dropout each step). inner_head "fresh": each task's inner loop
+    starts from a newly drawn head instead of the carried one."""
+    params = dict(model.named_parameters())
+    second_order = adapt is fast_adapt_second_order
     cache = support_pass != "plain" and not any(n.startswith("body.") for n in inner_names)  # LoRA, BitFit: inside the body
     first_head, stats = None, []
     for support, query in tasks:
-        support, query = collate(support, pad_id, device), collate(query, pad_id, device)
-        with amp():
-            features = body_output(model, support, dropout=support_pass == "cached") if cache else None
-        fast, support_losses = fast_adapt(model, support, inner_names, steps, lr, features, amp)
+        supports, query = task_batches(support, query, pad_id, device, support_batches)
+        features = support_features(model, supports, support_pass, amp, cache, with_graph=second_order)
+        fast, support_losses = adapt(model, supports, inner_names, steps, lr, features, amp,
+                                     fresh_head(model) if inner_head == "fresh" else None)
         with amp():
             logits = functional_call(model, fast, (query["input_ids"], query["attention_mask"]))
         query_loss = tagging_loss(logits, query["labels"])
         query_loss.backward()  # body (if not in fast) gets its gradient directly; the fast copies get theirs
         for n, w in fast.items():
-            if group_of(n) != "head":  # first-order: d loss / d adapted copy, applied to the original
+            if group_of(n) != "head" and not second_order:  # first-order: d loss / d adapted copy, applied to the original
                 params[n].grad = w.grad if params[n].grad is None else params[n].grad + w.grad
         if first_head is None:
             first_head = {n: w.detach() for n, w in fast.items() if group_of(n) == "head"}
         stats.append({"support_loss": support_losses, "query_loss": query_loss.item()})
+    if second_order and model.head.weight.grad is not None:
+        model.head.weight.grad = model.head.bias.grad = None  # the head gets no meta-gradient (it is reset below)
+    return stats, first_head
+
+
+def reptile_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, support_pass="cached",
+                      amp=contextlib.nullcontext, adapt=fast_adapt, inner_head="carry", support_batches=1):
+    """Reptile (Nichol et al., 2018) as an outer "gradient": every adapted parameter outside the head moves towards
+    its task-adapted value, grad += theta - phi, summed over tasks (AdamW then takes the step). With the body in
+    the inner loop (--inner-scope all) that is plain Reptile, and the inner loop trains on the support batches
+    and then the query batch in turn (all of a task's data). Our PE analogue (--inner-scope pe): the PE
+    parameters move towards their adapted values; the body, which the inner loop never changes, takes the
+    first-order gradient of the query loss at the adapted weights, as in Algorithm 1. Returns like meta_gradients."""
+    params = dict(model.named_parameters())
+    body_adapted = any(n.startswith("body.") and group_of(n) == "body" for n in inner_names)
+    cache = support_pass != "plain" and not any(n.startswith("body.") for n in inner_names)
+    first_head, stats = None, []
+    for support, query in tasks:
+        supports, query = task_batches(support, query, pad_id, device, support_batches)
+        batches = supports + [query] if body_adapted else supports
+        features = support_features(model, batches, support_pass, amp, cache)
+        fast, losses = adapt(model, batches, inner_names, steps, lr, features, amp,
+                             fresh_head(model) if inner_head == "fresh" else None)
+        stat = {"support_loss": losses}
+        if not body_adapted:  # the body's first-order query gradient
+            with amp():
+                logits = functional_call(model, {n: w.detach() for n, w in fast.items()}, (query["input_ids"], query["attention_mask"]))
+            query_loss = tagging_loss(logits, query["labels"])
+            query_loss.backward()
+            stat["query_loss"] = query_loss.item()
+        else:
+            stat["loss"] = losses[-1]
+        for n, w in fast.items():
+            if group_of(n) != "head":
+                delta = params[n].detach() - w.detach()
+                params[n].grad = delta if params[n].grad is None else params[n].grad + delta
+        if first_head is None:
+            first_head = {n: w.detach() for n, w in fast.items() if group_of(n) == "head"}
+        stats.append(stat)
     return stats, first_head
 
 
@@ -136,17 +280,19 @@ def prime_step(model, optimizer, schedule, tasks, args, pad_id):
     Returns per-task stats and the learning rate this step used."""
     optimizer.zero_grad(set_to_none=True)
     amp = lambda: precision(args.device, args.bf16)  # forward passes only: backward runs outside autocast
-    if args.mode == "meta":
+    if args.mode in ("meta", "reptile"):
         inner = named_group_params(model, INNER_GROUPS[args.inner_scope])
-        stats, first_head = meta_gradients(model, tasks, pad_id, list(inner), args.inner_steps, args.inner_lr,
-                                           args.device, args.support_pass, amp)
+        adapt = fast_adapt_second_order if args.meta_grad == "second" else INNER_LOOPS[args.inner_optimizer]
+        outer = meta_gradients if args.mode == "meta" else reptile_gradients
+        stats, first_head = outer(model, tasks, pad_id, list(inner), args.inner_steps, args.inner_lr, args.device,
+                                  args.support_pass, amp, adapt, args.inner_head, args.support_batches)
     else:
         stats = ft_gradients(model, tasks, pad_id, args.device, amp)
     lr = schedule.get_last_lr()[0]  # the rate of this step (after schedule.step() it would be the next one's)
     optimizer.step()
     decay_unused_rows(model, optimizer)
     schedule.step()
-    if args.mode == "meta":
+    if args.mode != "ft":
         with torch.no_grad():  # theta_h = theta_h^1: the head takes the first task's adapted head
             for n, p in named_group_params(model, ("head",)).items():
                 p.copy_(first_head[n])
@@ -155,14 +301,15 @@ def prime_step(model, optimizer, schedule, tasks, args, pad_id):
 
 def make_optimizer(model, args, total_steps):
     """AdamW + linear schedule on body+PE (meta) or body+PE+head (ft)."""
-    groups = ("body", "pe") if args.mode == "meta" else ("body", "pe", "head")
+    groups = ("body", "pe", "head") if args.mode == "ft" else ("body", "pe")
     optimizer = torch.optim.AdamW(named_group_params(model, groups).values(), lr=args.lr, weight_decay=args.weight_decay)
     from transformers import get_linear_schedule_with_warmup
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
 
 
 VARIANTS = {"meta": {}, "ft": {"mode": "ft"}, "maml": {"inner_scope": "all"}, "one-step": {"inner_steps": 1}}
-ALGORITHM_FLAGS = ("mode", "inner_scope", "inner_steps")  # what makes a variant; learning rates and sizes do not
+ALGORITHM_FLAGS = ("mode", "inner_scope", "inner_steps", "inner_head", "inner_optimizer", "support_batches", "meta_grad")
+# what makes a variant; learning rates and sizes do not
 
 
 def variant(args):
@@ -174,7 +321,7 @@ def variant(args):
     for name, flags in VARIANTS.items():
         if all(getattr(args, k) == {**defaults, **flags}[k] for k in ALGORITHM_FLAGS):
             return name
-    return "meta(" + ", ".join(f"{k}={getattr(args, k)}" for k in ALGORITHM_FLAGS if getattr(args, k) != defaults[k]) + ")"
+    return args.mode + "(" + ", ".join(f"{k}={getattr(args, k)}" for k in ALGORITHM_FLAGS[1:] if getattr(args, k) != defaults[k]) + ")"
 
 
 def recorded_args(args):
@@ -226,7 +373,8 @@ def main(args):
     model.to(args.device)
     sources = {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.train_size), tokenizer, args.max_len)
                for lang in args.sources}
-    per_epoch = steps_per_epoch(sources, args.support_size, args.query_size)
+    support_size = args.support_size * args.support_batches  # a task's support sentences, cut into K batches
+    per_epoch = steps_per_epoch(sources, support_size, args.query_size)
     if per_epoch == 0:
         raise DataError(f"too few source sentences for one task of {args.support_size}+{args.query_size}")
     total = args.max_steps or args.epochs * per_epoch
@@ -246,7 +394,7 @@ def main(args):
 
     model.train()  # dropout on everywhere, in the inner loop too (not in the paper)
     batches = (tasks for epoch in itertools.count() for tasks in
-               meta_batches(sources, args.support_size, args.query_size, seed=args.seed * 1000 + epoch))
+               meta_batches(sources, support_size, args.query_size, seed=args.seed * 1000 + epoch))
     batches = itertools.islice(batches, done, None)  # a resumed run skips the meta-batches already used
     name = f"{args.mode}" + (f" {args.inner_scope} S={args.inner_steps}" if args.mode == "meta" else "")
     with open(log_path, "a") as log:
@@ -265,7 +413,7 @@ def main(args):
                 log.flush()
                 save_state(state_path, model, optimizer, schedule, step + 1, args)
     restore_vocab(model)
-    save_checkpoint(args.out, model, tokenizer, ("body", "adapter", "head"), info["base_model"], LABELS,
+    save_checkpoint(args.out, model, tokenizer, ("body", "pe", "head"), info["base_model"], LABELS,
                     extra={"variant": variant(args), "priming": recorded_args(args)})
     if model.pe["method"] == "lora":  # for the peft library: the body as a standard HF model + the LoRA as a peft adapter
         pe.save_plain_body(model.body, tokenizer, os.path.join(args.out, "peft-body"))

@@ -172,7 +172,7 @@ def test_prime_script_runs_each_variant_as_its_reference(tiny_nodrop_dir, tmp_pa
     prime.main(prime.parse_args(["--model", tiny_nodrop_dir, "--synthetic", "--train-size", "64", "--support-size", "8",
                                  "--query-size", "8", "--max-steps", "1", "--out", out, "--device", "cpu"] + VARIANT_FLAGS[name]))
     primed, _, info = load_tagger(out, data.LABELS)
-    assert info["variant"] == name and info["base_model"] == tiny_nodrop_dir and info["groups"] == ["body", "adapter", "head"]
+    assert info["variant"] == name and info["base_model"] == tiny_nodrop_dir and info["groups"] == ["body", "pe", "head"]
     got = primed.state_dict()
     for other in VARIANT_FLAGS:
         ref = one_reference_step(tiny_nodrop_dir, other).state_dict()
