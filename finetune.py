@@ -16,6 +16,7 @@ batch 32, dev-selected epoch; full FT lr 5e-5 for 5 epochs (the usual BERT recip
 tuning lr 1e-3 for 10 epochs (~100k new parameters learn slowly at BERT's lr). 3-7 share one recipe.
 """
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -28,7 +29,7 @@ from tqdm import tqdm
 import pe
 from data import LABELS, DataError, add_data_args, batch_indices, batches, collate, encode, load_split, unscored_words
 from evaluate import SETTINGS, entity_scores
-from model import (Diverged, ModelError, add_runtime_args, body_output, decay_unused_rows, in_groups, is_checkpoint, keep_used_rows,
+from model import (Diverged, ModelError, add_runtime_args, body_fingerprint, body_output, decay_unused_rows, in_groups, is_checkpoint, keep_used_rows,
                    load_tagger, named_group_params, portable, precision, restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions,
                    write_json)
 
@@ -70,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--dev-size", type=int, default=None, help="first N validation sentences (all)")
     p.add_argument("--test-size", type=int, default=None, help="first N test sentences (all)")
     p.add_argument("--save-model", action="store_true", help="also save the trained groups (safetensors)")
+    p.add_argument("--feature-cache", metavar="DIR", default=None,
+                   help="settings 2-7 (frozen body): keep the body's outputs in DIR, keyed by a hash of the body, "
+                        "for other runs on the same body and data (e.g. settings 2 and 3, a grid)")
     p.add_argument("--vocab-rows", choices=["used", "all"], default="used",
                    help="setting 1: train only the word-embedding rows of ids in the language's data (exact, faster with a "
                         "large vocabulary; model.UsedRows), or all")
@@ -131,6 +135,26 @@ def word_features(model, examples, pad_id, batch_size=128, bf16=False):
             feats[i] = h[row, [pos for pos, _ in examples[i]["first"]]]
     labels = [torch.tensor([l for l in ex["labels"] if l != -100], dtype=torch.long, device=device) for ex in examples]
     return {"features": feats, "labels": labels}
+
+
+def stored_word_features(model, examples, args, pad_id, body_key):
+    """word_features, kept in --feature-cache DIR under a hash of the whole body's weights (`body_key`), the
+    max length and the examples' token ids and labels: another process with the same frozen body (settings
+    2 and 3 share the pretrained one; a hyper-parameter grid shares it across configurations) loads them
+    instead of running the body again. The same tensors either way."""
+    if not args.feature_cache:
+        return word_features(model, examples, pad_id, args.eval_batch_size, args.bf16)
+    content = hashlib.sha1(json.dumps([body_key, args.max_len, [(ex["input_ids"], ex["labels"]) for ex in examples]]).encode())
+    path = os.path.join(args.feature_cache, content.hexdigest()[:20] + ".pt")
+    if os.path.isfile(path):
+        cache = torch.load(path, map_location=args.device, weights_only=True)
+        if len(cache["features"]) == len(examples):
+            return cache
+    cache = word_features(model, examples, pad_id, args.eval_batch_size, args.bf16)
+    os.makedirs(args.feature_cache, exist_ok=True)
+    torch.save(cache, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return cache
 
 
 @torch.no_grad()
@@ -291,7 +315,7 @@ def main(args):
     start_state = {n: t.clone() for n, t in model.state_dict().items() if in_groups(model, n, groups)}
     body_trains = any(n.startswith("body.") for n in named_group_params(model, groups))  # full FT, LoRA, BitFit
     sizes = {"train": args.train_size, "validation": args.dev_size, "test": args.test_size}
-    diverged = []
+    diverged, body_key = [], None
     for lang, seeds in runs.items():
         if not seeds:
             continue
@@ -304,7 +328,8 @@ def main(args):
         caches = {}
         if not body_trains:  # a frozen body gives the same outputs to every epoch and seed
             cached = ["validation", "test"] + (["train"] if args.cache_body else [])
-            caches = {split: word_features(model, data[split], tokenizer.pad_token_id, args.eval_batch_size, args.bf16)
+            body_key = body_key or (body_fingerprint(model.body, whole=True) if args.feature_cache else None)
+            caches = {split: stored_word_features(model, data[split], args, tokenizer.pad_token_id, body_key)
                       for split in cached}
         for seed in seeds:
             model.load_state_dict(start_state, strict=False)  # each run starts from the same body/adapter

@@ -257,14 +257,14 @@ def drop_pooler(body):
     return body
 
 
-def body_fingerprint(body, skip=()):
-    """Short hash of the body's weights (names, shapes, first 4096 values of each tensor), leaving out the
-    names in `skip` (what a tuned checkpoint stores itself: BitFit's biases, LoRA branches)."""
+def body_fingerprint(body, skip=(), whole=False):
+    """Short hash of the body's weights (names, shapes, first 4096 values of each tensor, or all with `whole`),
+    leaving out the names in `skip` (what a tuned checkpoint stores itself: BitFit's biases, LoRA branches)."""
     h = hashlib.sha1()
     for name, t in sorted(body.state_dict().items()):
         if name not in skip:
             h.update(f"{name}{tuple(t.shape)}".encode())
-            h.update(t.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+            h.update(t.detach().flatten()[:None if whole else 4096].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

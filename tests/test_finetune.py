@@ -209,3 +209,23 @@ def test_used_vocab_rows_full_finetuning_is_the_same(tiny_nodrop_dir, tmp_path):
     assert (a["test_f1"], a["dev_f1"], a["best_epoch"], a["trainable_params"]) == (b["test_f1"], b["dev_f1"], b["best_epoch"], b["trainable_params"])
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_feature_cache_is_shared_by_runs_on_the_same_body(tiny_dir, primed_dirs, tmp_path):
+    """Settings 2 and 3 share the pretrained body: with --feature-cache the second run loads the body outputs the
+    first stored (3 files: train, validation, test) and its results equal a run without the cache; a primed body
+    gets files of its own."""
+    cache = tmp_path / "features"
+    results = {}
+    for setting, flag in [(2, True), (3, True), (3, False), (4, True)]:
+        out = tmp_path / f"s{setting}-{flag}"
+        extra = ["--cache-body"] + (["--feature-cache", str(cache)] if flag else [])
+        finetune.main(args_for(setting, tiny_dir, primed_dirs, out, extra))
+        results[setting, flag] = json.load(open(out / "hi" / "seed1" / "result.json"))
+        if setting == 2:
+            files = {p.name: p.stat().st_mtime for p in cache.iterdir()}
+            assert len(files) == 3
+    assert {p.name: p.stat().st_mtime for p in cache.iterdir() if p.name in files} == files  # loaded, not rewritten
+    assert len(list(cache.iterdir())) == 6  # the primed body (setting 4) has its own
+    a, b = results[3, True], results[3, False]
+    assert (a["test_f1"], a["dev_f1"], a["best_epoch"]) == (b["test_f1"], b["dev_f1"], b["best_epoch"])
