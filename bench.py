@@ -28,6 +28,7 @@ import time
 import torch
 
 import finetune
+import pe
 import prime
 from data import LABELS, add_data_args, batch_indices, collate, encode, load_split, meta_batches
 from model import PACKAGED_MINILM, group_of, in_groups, load_tagger, named_group_params, precision, set_trainable, tagging_loss
@@ -197,6 +198,79 @@ def bench_finetuning(args, tokenizer):
     return {"at_over_full": at / full, "cached_first_over_full": first / full, "cached_later_over_full": later / full}
 
 
+def pe_limit_gradients(model, tasks, pad, steps, device=None):
+    """The limit of a meta-step for a PE method inside the body: per task (S+1) forward+backward passes that
+    compute gradients for the PE parameters (+ head) only."""
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    set_trainable(model, ("pe", "head"))
+    for support, query in tasks:
+        for batch in [collate(support, pad, device)] * steps + [collate(query, pad, device)]:
+            tagging_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"]).backward()
+    for n, p in model.named_parameters():
+        p.requires_grad_(trainable[n])
+
+
+def bench_pe_methods(args):
+    """F: a meta-step for each PE method against its limit, on the same meta-batches."""
+    print(f"4. meta-step per PE method at S={args.inner_steps} (first-order, the method + head in the inner loop), {args.device}")
+    out, times = {}, {}
+    for method in pe.METHODS:
+        torch.manual_seed(0)
+        model, tokenizer, _ = load_tagger(args.model, LABELS, 0, pe.config(method, 64))
+        model.to(args.device).train()
+        pad = tokenizer.pad_token_id
+        metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:args.repeats + 1]
+        inner = list(named_group_params(model, prime.INNER_GROUPS["pe"]))
+        runs = {"ours": lambda t: prime.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device),
+                "limit": lambda t: pe_limit_gradients(model, t, pad, args.inner_steps, args.device)}
+        times[method] = {name: [] for name in runs}
+        for k, tasks in enumerate(metas):
+            for name, run in runs.items():
+                model.zero_grad(set_to_none=True)
+                t = timed(lambda: run(tasks), args.device)
+                if k:
+                    times[method][name].append(t)
+        ours, limit = times[method]["ours"], times[method]["limit"]
+        line(f"{method}: ours", ours, ratio=ratio(ours, limit), of="its limit")
+        line(f"{method}: limit, (S+1) fwd+bwd, PE grads only", limit)
+        out[f"{method}_ours_over_limit"] = ratio(ours, limit)
+    print("  (adapter: the body runs once per support batch (cached), so ours is below the limit of (S+1) passes; "
+          "LoRA and BitFit live inside the body: every inner step is a forward+backward through it, and the query "
+          "pass computes the body's gradient too)")
+    return out
+
+
+def bench_variants(args, model, tokenizer):
+    """G: inner-loop variants (adapter scope, cached support pass) against the paper's S=5 SGD first-order step."""
+    print(f"5. inner-loop variants, meta-step of 2 tasks x ({args.task_size} support + {args.task_size} query), {args.device}")
+    pad = tokenizer.pad_token_id
+    metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:args.repeats + 1]
+    inner = list(named_group_params(model, prime.INNER_GROUPS["pe"]))
+    every = list(named_group_params(model, prime.INNER_GROUPS["all"]))
+    variants = {"S=5 SGD first-order (paper)": dict(steps=5),
+                "S=50 SGD first-order": dict(steps=50),
+                "S=50 AdamW, fresh head": dict(steps=50, adapt=prime.fast_adapt_adamw, inner_head="fresh"),
+                "S=5 second-order (--meta-grad second)": dict(steps=5, adapt=prime.fast_adapt_second_order),
+                "Reptile, PE analogue, S=5": dict(steps=5, outer=prime.reptile_gradients),
+                "Reptile, --inner-scope all, S=5": dict(steps=5, outer=prime.reptile_gradients, names=every)}
+    times = {name: [] for name in variants}
+    model.train()
+    for k, tasks in enumerate(metas):
+        for name, v in variants.items():
+            v = dict(v)
+            outer, names, steps = v.pop("outer", prime.meta_gradients), v.pop("names", inner), v.pop("steps")
+            model.zero_grad(set_to_none=True)
+            t = timed(lambda: outer(model, tasks, pad, names, steps, 0.03, args.device, **v), args.device)
+            if k:
+                times[name].append(t)
+    base = times["S=5 SGD first-order (paper)"]
+    for name, ts in times.items():
+        line(name, ts, ratio=ratio(ts, base), of="the paper's step")
+    s50, second = ratio(times["S=50 SGD first-order"], base), ratio(times["S=5 second-order (--meta-grad second)"], base)
+    print(f"  S=50 / S=5 = {s50:.2f}x (target <= 1.5)   second-order / first-order = {second:.2f}x")
+    return {"s50_over_s5": s50, "second_over_first": second}
+
+
 def memory_child(args, which):
     """Run in a fresh process: one warm-up step, then the measured step. Prints JSON."""
     torch.manual_seed(0)
@@ -265,7 +339,7 @@ def main():
     p.add_argument("--sentences", type=int, default=1000, help="source sentences per language to draw tasks from")
     p.add_argument("--ft-lang", default="nl")
     p.add_argument("--ft-sentences", type=int, default=500)
-    p.add_argument("--parts", default="1,2,3", help="which parts to run")
+    p.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (4: PE methods, 5: inner-loop variants)")
     p.add_argument("--memory-child", choices=["priming", "fine-tuning"], help=argparse.SUPPRESS)
     add_data_args(p)
     args = p.parse_args()
@@ -285,6 +359,12 @@ def main():
         summary.update(bench_finetuning(args, load_tagger(args.model, LABELS, 0)[1]))
     if "3" in parts:
         summary.update(bench_memory(args))
+    if "4" in parts:
+        summary.update(bench_pe_methods(args))
+    if "5" in parts:
+        torch.manual_seed(0)
+        model, tokenizer, _ = load_tagger(args.model, LABELS, 64)
+        summary.update(bench_variants(args, model.to(args.device), tokenizer))
     print("summary: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
 
 
