@@ -130,12 +130,14 @@ def restore_vocab(model):
         model.body.set_input_embeddings(rows.embedding[0])
 
 
-def tagging_loss(logits, labels):
+def tagging_loss(logits, labels, count=None):
     """Mean token cross-entropy over labelled (first sub-word) positions; logits [..., labels]. A batch with
-    no labelled position (sentences whose words all have zero sub-words) gives 0, not 0/0 = NaN."""
+    no labelled position (sentences whose words all have zero sub-words) gives 0, not 0/0 = NaN. `count`
+    (an integer tensor on the labels' device) divides instead of the batch's own count of labelled positions:
+    a process holding part of a larger batch passes that batch's count."""
     total = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                         ignore_index=-100, reduction="sum")
-    return total / (labels != -100).sum().clamp(min=1)
+    return total / ((labels != -100).sum() if count is None else count).clamp(min=1)
 
 
 def group_of(name):

@@ -17,6 +17,10 @@ FIRST task's adapted head. The head is re-initialised at fine-tuning anyway.
 Writes OUT/{model.safetensors, checkpoint.json, tokenizer files} (body+adapter+head), OUT/config.json
 and OUT/log.jsonl (one line per meta-step); OUT/resume.pt every --save-every steps, from which --resume
 continues exactly. A NaN/inf loss stops the run with exit code 3 and OUT/diverged.json.
+
+Several processes: `torchrun --nproc_per_node N prime.py ...` splits each meta-batch over the processes (rank r
+takes tasks r, r+N, ...; ft mode: sentences r, r+N, ... of the union), sums their gradients before the one AdamW
+step and gives every process rank 0's head (the first task's); only rank 0 writes files (dist.py, README).
 """
 import argparse
 import contextlib
@@ -31,6 +35,7 @@ import torch
 from torch.func import functional_call
 from tqdm import tqdm
 
+import dist
 import pe
 from data import LABELS, DataError, add_data_args, collate, encode, load_split, meta_batches, steps_per_epoch
 from model import (Diverged, ModelError, add_runtime_args, body_output, decay_unused_rows, group_of, keep_used_rows, load_tagger,
@@ -265,37 +270,63 @@ def reptile_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None,
     return stats, first_head
 
 
-def ft_gradients(model, tasks, pad_id, device=None, amp=contextlib.nullcontext):
-    """Plain fine-tuning priming: one gradient on all support+query sentences of the meta-batch."""
-    batch = collate([ex for support, query in tasks for ex in support + query], pad_id, device)
+def ft_gradients(model, tasks, pad_id, device=None, amp=contextlib.nullcontext, rank=0, world=1):
+    """Plain fine-tuning priming: one gradient of the mean token loss over all support+query sentences of the
+    meta-batch. With `world` processes, this one takes sentences rank, rank+world, ... of that union and divides
+    their summed token loss by the token count of the WHOLE union (every process holds the whole meta-batch):
+    summed over the processes, losses and gradients are the one-process mean."""
+    union = [ex for support, query in tasks for ex in support + query]
+    mine = union[rank::world]
+    if not mine:
+        return [{"loss": 0.0}]
+    batch = collate(mine, pad_id, device)
+    count = torch.tensor(sum(label != -100 for ex in union for label in ex["labels"]), device=batch["labels"].device)
     with amp():
         logits = model(batch["input_ids"], batch["attention_mask"])
-    loss = tagging_loss(logits, batch["labels"])
+    loss = tagging_loss(logits, batch["labels"], count)
     loss.backward()
     return [{"loss": loss.item()}]
 
 
+def gather_stats(stats, mode):
+    """Every process's stats of its share -> the meta-batch's: each task's in task order (task i was rank
+    i % W's (i // W)-th), or in ft mode the one loss, summed over the shares. On every process."""
+    per_rank = dist.all_gather(stats)
+    if mode == "ft":
+        return [{"loss": sum(s[0]["loss"] for s in per_rank)}]
+    return [per_rank[i % len(per_rank)][i // len(per_rank)] for i in range(sum(map(len, per_rank)))]
+
+
 def prime_step(model, optimizer, schedule, tasks, args, pad_id):
     """One outer step on one meta-batch: Algorithm 1 (mode meta) or plain fine-tuning (mode ft).
-    Returns per-task stats and the learning rate this step used."""
+    Returns per-task stats and the learning rate this step used.
+    Under torchrun, each process computes its share (tasks rank, rank+W, ...; ft: sentences), the gradients
+    are summed over the processes and every process takes rank 0's head: the first task is always rank 0's."""
     optimizer.zero_grad(set_to_none=True)
+    rank, world = dist.rank_world()
     amp = lambda: precision(args.device, args.bf16)  # forward passes only: backward runs outside autocast
     if args.mode in ("meta", "reptile"):
         inner = named_group_params(model, INNER_GROUPS[args.inner_scope])
         adapt = fast_adapt_second_order if args.meta_grad == "second" else INNER_LOOPS[args.inner_optimizer]
         outer = meta_gradients if args.mode == "meta" else reptile_gradients
-        stats, first_head = outer(model, tasks, pad_id, list(inner), args.inner_steps, args.inner_lr, args.device,
-                                  args.support_pass, amp, adapt, args.inner_head, args.support_batches)
+        stats, first_head = outer(model, tasks[rank::world], pad_id, list(inner), args.inner_steps, args.inner_lr,
+                                  args.device, args.support_pass, amp, adapt, args.inner_head, args.support_batches)
     else:
-        stats = ft_gradients(model, tasks, pad_id, args.device, amp)
+        stats = ft_gradients(model, tasks, pad_id, args.device, amp, rank, world)
+    if world > 1:
+        dist.sum_gradients([p for group in optimizer.param_groups for p in group["params"]])
+        stats = gather_stats(stats, args.mode)
     lr = schedule.get_last_lr()[0]  # the rate of this step (after schedule.step() it would be the next one's)
     optimizer.step()
     decay_unused_rows(model, optimizer)
     schedule.step()
     if args.mode != "ft":
+        head = named_group_params(model, ("head",))
         with torch.no_grad():  # theta_h = theta_h^1: the head takes the first task's adapted head
-            for n, p in named_group_params(model, ("head",)).items():
-                p.copy_(first_head[n])
+            for n, p in head.items():
+                if first_head is not None:  # None: a process with no task in this meta-batch
+                    p.copy_(first_head[n])
+        dist.broadcast(head.values())  # the first task is rank 0's
     return stats, lr
 
 
@@ -332,17 +363,27 @@ RESUME_IGNORES = ("resume", "save_every", "device")  # flags that may differ bet
 
 
 def save_state(path, model, optimizer, schedule, step, args):
-    """Everything a resumed run needs to continue exactly: weights, AdamW, schedule, step, RNG."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "step": step, "rng": torch.get_rng_state(), "args": {k: v for k, v in vars(args).items() if k not in RESUME_IGNORES}}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Everything a resumed run needs to continue exactly: weights, AdamW, schedule, step, RNG. Under torchrun
+    every process calls it: the weights are the same everywhere, the RNG states of all ranks are gathered, and
+    rank 0 writes."""
+    rng = dist.all_gather({"cpu": torch.get_rng_state(),
+                           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+    if dist.rank_world()[0] == 0:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "step": step, "rng": rng, "world_size": len(rng),
+                 "args": {k: v for k, v in vars(args).items() if k not in RESUME_IGNORES}}
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    dist.barrier()
 
 
 def load_state(path, model, optimizer, schedule, args):
     state = torch.load(path, map_location=args.device, weights_only=True)
+    rank, world = dist.rank_world()
+    if state.get("world_size", 1) != world:
+        written = state.get("world_size", 1)
+        raise ModelError(f"{path} was written by {written} process(es), not {world}; resume it with "
+                         f"{'torchrun --nproc_per_node %d' % written if written > 1 else 'python'} prime.py, or delete it to start over")
     changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if getattr(args, k) != v}
     if changed:
         raise ModelError(f"{path} was written with other flags ({', '.join(f'--{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
@@ -350,9 +391,11 @@ def load_state(path, model, optimizer, schedule, args):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    torch.set_rng_state(state["rng"].cpu())
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    rng = state["rng"][rank] if isinstance(state["rng"], list) else {"cpu": state["rng"], "cuda": state.get("cuda_rng")}
+    torch.set_rng_state(rng["cpu"].cpu())
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    dist.barrier()
     return state["step"]
 
 
@@ -368,9 +411,12 @@ def truncate_log(path, step):
 
 def main(args):
     start = time.time()
-    torch.manual_seed(args.seed)
+    rank, world, args.device = dist.setup(args.device)
+    torch.manual_seed(args.seed)  # the same initial weights on every process
     model, tokenizer, info = load_tagger(args.model, LABELS, pe_config=pe.from_args(args))
     model.to(args.device)
+    if rank > 0:  # under torchrun: each process its own dropout stream (rank 0, like a plain run, keeps the seed's)
+        torch.manual_seed(1000 * args.seed + rank)
     sources = {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.train_size), tokenizer, args.max_len)
                for lang in args.sources}
     support_size = args.support_size * args.support_batches  # a task's support sentences, cut into K batches
@@ -381,30 +427,34 @@ def main(args):
     if args.vocab_rows == "used":
         keep_used_rows(model, [ex for examples in sources.values() for ex in examples])
     optimizer, schedule = make_optimizer(model, args, total)
-    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
     state_path, log_path = os.path.join(args.out, "resume.pt"), os.path.join(args.out, "log.jsonl")
     done = 0
     if args.resume and os.path.isfile(state_path):
         done = load_state(state_path, model, optimizer, schedule, args)
-        print(f"prime.py: resuming {args.out} at meta-step {done} of {total}")
-    truncate_log(log_path, done)
+        if rank == 0:
+            print(f"prime.py: resuming {args.out} at meta-step {done} of {total}")
     config = {"script": "prime.py", "variant": variant(args), "args": recorded_args(args), "base_model": info["base_model"],
-              "steps": total, "steps_per_epoch": per_epoch, "versions": versions()}
-    write_json(os.path.join(args.out, "config.json"), config)
+              "steps": total, "steps_per_epoch": per_epoch, "versions": versions(), "processes": world}
+    if rank == 0:  # only rank 0 writes files
+        truncate_log(log_path, done)
+        write_json(os.path.join(args.out, "config.json"), config)
 
     model.train()  # dropout on everywhere, in the inner loop too (not in the paper)
     batches = (tasks for epoch in itertools.count() for tasks in
                meta_batches(sources, support_size, args.query_size, seed=args.seed * 1000 + epoch))
     batches = itertools.islice(batches, done, None)  # a resumed run skips the meta-batches already used
     name = f"{args.mode}" + (f" {args.inner_scope} S={args.inner_steps}" if args.mode == "meta" else "")
-    with open(log_path, "a") as log:
-        for step in (bar := tqdm(range(done, total), initial=done, total=total, desc=f"prime {name}")):
+    with open(log_path if rank == 0 else os.devnull, "a") as log:
+        for step in (bar := tqdm(range(done, total), initial=done, total=total, desc=f"prime {name}", disable=rank > 0)):
             stats, lr = prime_step(model, optimizer, schedule, next(batches), args, tokenizer.pad_token_id)
             loss = sum(s.get("query_loss", s.get("loss")) for s in stats) / len(stats)
             support = [x for s in stats for x in s.get("support_loss", [])]
-            if not all(math.isfinite(x) for x in [loss] + support):
-                write_json(os.path.join(args.out, "diverged.json"),
-                           {"script": "prime.py", "variant": name, "step": step + 1, "loss": loss, "support_losses": support})
+            if not all(math.isfinite(x) for x in [loss] + support):  # every process sees every task's stats
+                if rank == 0:
+                    write_json(os.path.join(args.out, "diverged.json"),
+                               {"script": "prime.py", "variant": name, "step": step + 1, "loss": loss, "support_losses": support})
                 raise Diverged(f"prime.py: priming ({name}, inner lr {args.inner_lr}) diverged at meta-step {step + 1} of "
                                f"{total}: loss {loss}; no checkpoint written, {args.out}/diverged.json records it")
             log.write(json.dumps({"step": step + 1, "lr": lr, "loss": loss, "tasks": stats}) + "\n")
@@ -413,6 +463,9 @@ def main(args):
                 log.flush()
                 save_state(state_path, model, optimizer, schedule, step + 1, args)
     restore_vocab(model)
+    dist.teardown()
+    if rank > 0:
+        return
     save_checkpoint(args.out, model, tokenizer, ("body", "pe", "head"), info["base_model"], LABELS,
                     extra={"variant": variant(args), "priming": recorded_args(args)})
     if model.pe["method"] == "lora":  # for the peft library: the body as a standard HF model + the LoRA as a peft adapter
@@ -427,9 +480,11 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (DataError, ModelError) as e:
-        print(f"prime.py: error: {e}", file=sys.stderr)
+    except (DataError, ModelError) as e:  # under torchrun every process stops; rank 0 says why
+        if dist.is_main_process():
+            print(f"prime.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:
-        print(e, file=sys.stderr)
+        if dist.is_main_process():
+            print(e, file=sys.stderr)
         sys.exit(3)
