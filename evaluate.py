@@ -154,10 +154,10 @@ def plot(run_dir, cols, rows):
     ax.set_ylabel("entity F1")
     lows = [c["mean"] for _, _, row in rows for c in row.values() if c["mean"] is not None] or [0]
     ax.set_ylim(max(0, min(lows) - 10), 100)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the axes, not on the bars
     fig.tight_layout()
     path = os.path.join(run_dir, "table1.png")
-    fig.savefig(path + ".tmp.png", dpi=120)
+    fig.savefig(path + ".tmp.png", dpi=120, bbox_inches="tight")
     os.replace(path + ".tmp.png", path)
     plt.close(fig)
     return path
@@ -214,6 +214,56 @@ def spread(run_dirs):
     return "\n".join(md)
 
 
+def averages(run_dir, setting):
+    """The setting's average over targets in run_dir (a cell: mean ± std over fine-tuning seeds), or None."""
+    for s, _, row in summarize(collect(run_dir))[1]:
+        if s == setting and "avg" in row and row["avg"]["mean"] is not None:
+            return row["avg"]
+    return None
+
+
+def across(cells):
+    means = [c["mean"] for c in cells]
+    return f"{statistics.mean(means):.2f}" + (f" ± {statistics.stdev(means):.2f}" if len(means) > 1 else "") + f" (n={len(means)})"
+
+
+def compare(columns):
+    """Per setting, the paper's average over the 6 targets beside each column's (columns: (label, [run dirs]);
+    several dirs = the same grid primed with other seeds: mean ± sample std of their averages)."""
+    md = ["| # | setting | paper (mBERT, full data) | " + " | ".join(label for label, _ in columns) + " |",
+          "|---" * (len(columns) + 3) + "|"]
+    for s, name in SETTINGS.items():
+        cells = []
+        for _, dirs in columns:
+            found = [c for c in (averages(d, s) for d in dirs) if c]
+            cells.append(across(found) if found else "-")
+        md.append(f"| {s} | {name} | {statistics.mean(PAPER[s].values()):.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(md)
+
+
+def ablation(rows):
+    """Rows (label, setting, [run dirs]): the setting's average over targets per run dir (one per priming seed),
+    mean ± sample std across them, trainable parameters, and the priming run's wall time (mean over the dirs'
+    priming runs of that setting, from prime/*/config.json when the dir holds it)."""
+    width = max(len(dirs) for _, _, dirs in rows)
+    md = ["| row | setting | trainable params | " + " | ".join(f"run {k + 1}" for k in range(width)) +
+          " | across runs | priming time |", "|---" * (width + 5) + "|"]
+    for label, setting, dirs in rows:
+        cells = [averages(d, setting) for d in dirs]
+        results = [json.load(open(p)) for d in dirs for p in glob.glob(os.path.join(d, "**", "result.json"), recursive=True)]
+        trainable = {r["trainable_params"] for r in results if r["setting"] == setting}
+        inits = {(d, os.path.basename(os.path.normpath(r["init"]))) for d in dirs for r in
+                 (json.load(open(p)) for p in glob.glob(os.path.join(d, "**", "result.json"), recursive=True))
+                 if r["setting"] == setting and r.get("init")}
+        configs = [os.path.join(d, "prime", name, "config.json") for d, name in sorted(inits)]
+        primings = [t for t in (json.load(open(p)).get("wall_time_s") for p in configs if os.path.isfile(p)) if t]
+        md.append(f"| {label} | {setting} | {', '.join(f'{t:,}' for t in sorted(trainable)) or '-'} | " + " | ".join(
+            "-" if c is None else f"{c['mean']:.2f}" + ("" if math.isnan(c["std"]) else f" ± {c['std']:.2f}") for c in cells)
+            + " | -" * (width - len(cells)) + f" | {across([c for c in cells if c]) if any(cells) else '-'} | "
+            + (f"{statistics.mean(primings) / 60:.1f} min" if primings else "-") + " |")
+    return "\n".join(md)
+
+
 def priming_report(prime_dirs):
     """Checks on priming runs from their log.jsonl (and model.safetensors when present): the outer loss
     (query loss; the training loss for --mode ft) over the first and last 5 meta-steps, the inner loop's
@@ -245,7 +295,18 @@ def main():
     p.add_argument("--spread", nargs="+", metavar="RUN_DIR", help="the same grid primed with different seeds: "
                                                                   "per-run averages and their spread (printed)")
     p.add_argument("--priming", nargs="+", metavar="PRIME_DIR", help="summarize priming runs (printed)")
+    p.add_argument("--compare", nargs="+", metavar="LABEL=DIR[,DIR...]",
+                   help="per-setting averages beside the paper's, one column per LABEL (several dirs: priming seeds)")
+    p.add_argument("--ablation", nargs="+", metavar="LABEL=DIR[,DIR...]:SETTING",
+                   help="one row per LABEL: the SETTING's average in each DIR (priming seeds) and across them")
     args = p.parse_args()
+    if args.compare:
+        print(compare([(c.split("=", 1)[0], c.split("=", 1)[1].split(",")) for c in args.compare]))
+        return
+    if args.ablation:
+        rows = [(a.split("=", 1)[0], int(a.rsplit(":", 1)[1]), a.split("=", 1)[1].rsplit(":", 1)[0].split(",")) for a in args.ablation]
+        print(ablation(rows))
+        return
     if args.priming:
         print(priming_report(args.priming))
         return

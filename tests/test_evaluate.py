@@ -46,11 +46,11 @@ def test_embedded_paper_table_matches_the_paper_csv():
             assert evaluate.PAPER[s] == {lang: float(row[lang]) for lang in evaluate.TARGETS}
 
 
-def write_result(run_dir, setting, lang, seed, f1):
+def write_result(run_dir, setting, lang, seed, f1, init=None):
     d = os.path.join(run_dir, "finetune", f"s{setting}", lang, f"seed{seed}")
     os.makedirs(d)
     with open(os.path.join(d, "result.json"), "w") as f:
-        json.dump({"setting": setting, "lang": lang, "seed": seed, "test_f1": f1}, f)
+        json.dump({"setting": setting, "lang": lang, "seed": seed, "test_f1": f1, "trainable_params": 100, "init": init}, f)
 
 
 def test_table_mean_std_average_and_paper_delta(tmp_path):
@@ -121,3 +121,25 @@ def test_priming_report_from_log_and_checkpoint(tmp_path):
     # first 5 steps: mean(2.0 .. 1.6) = 1.8; last 5: mean(1.9 .. 1.5) = 1.7; support (1+3)/2 = 2 -> (0.5+2)/2 = 1.25
     assert f"| {meta} | 6 | 1.800 | 1.700 | 2.000 | 1.250 | 5.0000 |" in out
     assert f"| {ft} | 1 | 1.250 | 1.250 | - | - | - |" in out
+
+
+def test_compare_and_ablation_tables(tmp_path):
+    """--compare: per-setting averages beside the paper's (several dirs: mean ± std across them); --ablation: one
+    row per label with each dir's average, the spread across dirs, trainable parameters and the priming time."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for d, (hi, af) in {a: (80.0, 90.0), b: (78.0, 88.0)}.items():
+        for lang, f1 in (("hi", hi), ("af", af)):
+            write_result(d, 4, lang, 1, f1, init=os.path.join("runs", "x", "prime", "meta"))
+        os.makedirs(os.path.join(d, "prime", "meta"))
+        with open(os.path.join(d, "prime", "meta", "config.json"), "w") as f:
+            json.dump({"wall_time_s": 120.0 if d == a else 240.0}, f)
+    write_result(a, 3, "hi", 1, 70.0)
+    write_result(a, 3, "af", 1, 80.0)
+    run = lambda *argv: subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *argv],
+                                       capture_output=True, text=True, check=True).stdout
+    out = run("--compare", f"ours={a},{b}")
+    assert "| 3 | AT | 82.49 | 75.00 (n=1) |" in out  # the paper's average over its 6 targets
+    assert "| 4 | Meta Priming -> AT | 85.87 | 84.00 ± 1.41 (n=2) |" in out and "| 5 | FT Priming -> AT | 85.13 | - |" in out
+    out = run("--ablation", f"AT={a}:3", f"meta={a},{b}:4")
+    assert "| AT | 3 | 100 | 75.00 | - | 75.00 (n=1) | - |" in out
+    assert "| meta | 4 | 100 | 85.00 | 83.00 | 84.00 ± 1.41 (n=2) | 3.0 min |" in out
