@@ -86,9 +86,10 @@ if [ "$JOBS" -gt 1 ]; then
   mkdir -p "$OUT/logs"
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -ra GPUS <<< "$CUDA_VISIBLE_DEVICES"
   else read -ra GPUS <<< "$(nvidia-smi -L 2>/dev/null | sed -n 's/^GPU \([0-9]*\):.*/\1/p' | tr '\n' ' ' || true)"; fi
-  THREADS=$(( $(nproc) / JOBS )); [ "$THREADS" -ge 1 ] || THREADS=1
+  CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc would follow a user's OMP_NUM_THREADS
+  THREADS=$((CORES / JOBS)); [ "$THREADS" -ge 1 ] || THREADS=1
   if [ ${#GPUS[@]} -gt 0 ]; then echo "run_table1.sh: $JOBS jobs at a time; slot k gets GPU k mod ${#GPUS[@]} of: ${GPUS[*]}"
-  else echo "run_table1.sh: $JOBS jobs at a time on CPU, $THREADS thread(s) each (OMP_NUM_THREADS, MKL_NUM_THREADS; nproc $(nproc))"; fi
+  else echo "run_table1.sh: $JOBS jobs at a time on CPU, $THREADS thread(s) each (OMP_NUM_THREADS, MKL_NUM_THREADS; nproc $CORES)"; fi
   echo "run_table1.sh: one log per unit in $OUT/logs/"
   trap 'stop_units; exit 130' INT
   trap 'stop_units; exit 143' TERM
@@ -105,7 +106,7 @@ reap_one() {  # wait for one running unit to end; report it; a failure stops new
   case $rc in
     0) status="ok" ;;
     3) status="diverged (exit 3); carrying on" ;;
-    *) status="FAILED (exit $rc): $(tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 1 | cut -c1-200)"
+    *) status="FAILED (exit $rc): $(tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 1 | cut -c1-200 || true)"
        FAILED+=("$unit (exit $rc, log $log)"); [ "$FAILED_RC" -ne 0 ] || FAILED_RC=$rc ;;
   esac
   echo "[$(date +%T)] end   $unit after $(took $((SECONDS - START_OF[$pid]))): $status"
