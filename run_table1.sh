@@ -8,24 +8,26 @@
 #
 # Overrides (any preset): --model M  --data-dir D  --out DIR  --seeds 1,2,3  --targets hi,af  --sources en,es
 #                         --settings 3,4 (a subset of the 7)  --prime-seed 2 (priming's seed; default 1)
+#                         --jobs N: N units at a time (default 1), logs in OUT/logs/; GPU per slot, else nproc/N threads
 # Primed checkpoints and finished runs (result.json) are skipped and priming resumes from its last
 # save, so rerunning the same command after an interruption completes the grid. A run whose loss
 # becomes NaN/inf is reported as "diverged" in the table; the grid carries on.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # paths given by the user stay relative to where they run this
 
-PRESET=paper MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS=1,2,3,4,5,6,7 PRIME_SEED=1
+PRESET=paper MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS=1,2,3,4,5,6,7 PRIME_SEED=1 JOBS=1
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || [ "$1" = -h ] || [ "$1" = --help ] || { echo "run_table1.sh: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --preset) PRESET=$2 ;;  --model) MODEL=$2 ;;  --data-dir) DATA_DIR=$2 ;;  --out) OUT=$2 ;;
     --seeds) SEEDS=$2 ;;  --targets) TARGETS=$2 ;;  --sources) SOURCES=$2 ;;
-    --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;  --jobs) JOBS=$2 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "run_table1.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift 2
 done
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "run_table1.sh: --jobs needs a positive integer, not '$JOBS'" >&2; exit 2; }
 
 # ---- presets: every size and hyper-parameter that differs from the scripts' paper defaults
 case "$PRESET" in
@@ -73,21 +75,97 @@ carry_on() {  # exit code 3 = a run diverged: it is marked "diverged" in the tab
   local rc=$1; [ "$rc" -eq 3 ] && { echo "run_table1.sh: diverged (see above); carrying on" >&2; return 0; }; exit "$rc"
 }
 wanted() { [[ ",$SETTINGS," == *",$1,"* ]]; }
-prime() {  # prime SETTING NAME [prime.py flags]
-  wanted "$1" || return 0
-  local dir=$OUT/prime/$2; shift 2
-  if [ -f "$dir/checkpoint.json" ]; then echo "primed: $dir (exists)"; rm -f "$dir/resume.pt"; return; fi
-  if [ -f "$dir/diverged.json" ]; then echo "primed: $dir diverged earlier (delete $dir/diverged.json to retry)"; return; fi
-  python "$HERE/prime.py" --model "$MODEL" "${DATA[@]}" "${SRC[@]}" "${PRIME[@]}" --seed "$PRIME_SEED" --out "$dir" --resume "$@" \
-    || carry_on $?
+took() { echo "$(($1 / 60)) min $(($1 % 60)) s"; }
+
+# ---- units of work. --jobs 1: each runs in the foreground, in order, its output on the console. --jobs N > 1:
+# up to N run in the background, each in a slot (its own GPU, or nproc/N CPU threads), output in OUT/logs/UNIT.log.
+# A failing unit (exit code other than 0 and 3) starts no further unit; the running ones finish, then the grid stops.
+declare -A UNIT_OF=() SLOT_OF=() START_OF=()  # by pid of a running unit
+BUSY=() FAILED=() FAILED_RC=0
+if [ "$JOBS" -gt 1 ]; then
+  mkdir -p "$OUT/logs"
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then IFS=, read -ra GPUS <<< "$CUDA_VISIBLE_DEVICES"
+  else read -ra GPUS <<< "$(nvidia-smi -L 2>/dev/null | sed -n 's/^GPU \([0-9]*\):.*/\1/p' | tr '\n' ' ' || true)"; fi
+  CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc would follow a user's OMP_NUM_THREADS
+  THREADS=$((CORES / JOBS)); [ "$THREADS" -ge 1 ] || THREADS=1
+  if [ ${#GPUS[@]} -gt 0 ]; then echo "run_table1.sh: $JOBS jobs at a time; slot k gets GPU k mod ${#GPUS[@]} of: ${GPUS[*]}"
+  else echo "run_table1.sh: $JOBS jobs at a time on CPU, $THREADS thread(s) each (OMP_NUM_THREADS, MKL_NUM_THREADS; nproc $CORES)"; fi
+  echo "run_table1.sh: one log per unit in $OUT/logs/"
+  trap 'stop_units; exit 130' INT
+  trap 'stop_units; exit 143' TERM
+fi
+stop_units() {  # on Ctrl-C / SIGTERM: background units ignore SIGINT, so end them here
+  [ ${#UNIT_OF[@]} -eq 0 ] || { echo "run_table1.sh: stopping ${UNIT_OF[*]}" >&2; kill "${!UNIT_OF[@]}" 2>/dev/null || true; }
+  wait || true
 }
-finetune() {  # finetune SETTING [finetune.py flags]
-  wanted "$1" || return 0
-  local s=$1; shift
-  python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" --lang ${TARGETS//,/ } --seed ${SEEDS//,/ } \
-    "${FT[@]}" --out "$OUT/finetune/s$s" "$@" || carry_on $?
+reap_one() {  # wait for one running unit to end; report it; a failure stops new units from starting
+  local pid rc=0 status
+  wait -n -p pid || rc=$?
+  [ -n "${pid:-}" ] && [ -n "${UNIT_OF[$pid]+x}" ] || return 0
+  local unit=${UNIT_OF[$pid]} log=$OUT/logs/${UNIT_OF[$pid]}.log
+  case $rc in
+    0) status="ok" ;;
+    3) status="diverged (exit 3); carrying on" ;;
+    *) status="FAILED (exit $rc): $(tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 1 | cut -c1-200 || true)"
+       FAILED+=("$unit (exit $rc, log $log)"); [ "$FAILED_RC" -ne 0 ] || FAILED_RC=$rc ;;
+  esac
+  echo "[$(date +%T)] end   $unit after $(took $((SECONDS - START_OF[$pid]))): $status"
+  unset "BUSY[${SLOT_OF[$pid]}]" "UNIT_OF[$pid]" "SLOT_OF[$pid]" "START_OF[$pid]"
+}
+start_unit() {  # start_unit UNIT CMD...: in the background, in the first free slot (waits for one)
+  local unit=$1 slot=0 env; shift
+  while [ ${#UNIT_OF[@]} -ge "$JOBS" ]; do reap_one; done
+  [ ${#FAILED[@]} -eq 0 ] || return 0
+  while [ -n "${BUSY[$slot]:-}" ]; do slot=$((slot + 1)); done
+  if [ ${#GPUS[@]} -gt 0 ]; then env=(CUDA_VISIBLE_DEVICES="${GPUS[slot % ${#GPUS[@]}]}")
+  else env=(OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS); fi
+  echo "== $(date '+%F %T') run_table1.sh unit $unit: ${env[*]} $*" >> "$OUT/logs/$unit.log"
+  env "${env[@]}" "$@" >> "$OUT/logs/$unit.log" 2>&1 &
+  UNIT_OF[$!]=$unit SLOT_OF[$!]=$slot START_OF[$!]=$SECONDS BUSY[$slot]=1
+  echo "[$(date +%T)] start $unit (slot $slot: ${env[*]})"
+}
+wait_units() {  # end of a pool: wait for every running unit; stop the grid if one failed
+  while [ ${#UNIT_OF[@]} -gt 0 ]; do reap_one; done
+  [ ${#FAILED[@]} -eq 0 ] && return
+  local IFS=';'
+  echo "run_table1.sh: ${#FAILED[@]} unit(s) failed: ${FAILED[*]}. No unit was started after the first failure;" \
+       "those already running were allowed to finish. Rerun the same command to resume." >&2
+  exit "$FAILED_RC"
+}
+launch() {  # launch UNIT CMD...
+  local unit=$1; shift
+  if [ "$JOBS" -eq 1 ]; then "$@" || carry_on $?; else start_unit "$unit" "$@"; fi
 }
 
+prime() {  # prime SETTING NAME [prime.py flags]
+  wanted "$1" || return 0
+  local dir=$OUT/prime/$2 unit=prime-$2; shift 2
+  if [ -f "$dir/checkpoint.json" ]; then echo "primed: $dir (exists)"; rm -f "$dir/resume.pt"; return; fi
+  if [ -f "$dir/diverged.json" ]; then echo "primed: $dir diverged earlier (delete $dir/diverged.json to retry)"; return; fi
+  launch "$unit" python "$HERE/prime.py" --model "$MODEL" "${DATA[@]}" "${SRC[@]}" "${PRIME[@]}" --seed "$PRIME_SEED" \
+    --out "$dir" --resume "$@"
+}
+finetune() {  # finetune SETTING [finetune.py flags]: one unit with every target (--jobs 1), else one per target
+  wanted "$1" || return 0
+  local s=$1 lang seed complete skipped=(); shift
+  if [ "$JOBS" -eq 1 ]; then
+    launch "s$s" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" --lang ${TARGETS//,/ } \
+      --seed ${SEEDS//,/ } "${FT[@]}" --out "$OUT/finetune/s$s" "$@"
+    return
+  fi
+  for lang in ${TARGETS//,/ }; do
+    complete=1  # skip a unit whose seeds all have a result.json (or diverged.json) without starting Python
+    for seed in ${SEEDS//,/ }; do
+      [ -f "$OUT/finetune/s$s/$lang/seed$seed/result.json" ] || [ -f "$OUT/finetune/s$s/$lang/seed$seed/diverged.json" ] || complete=
+    done
+    if [ -n "$complete" ]; then skipped+=("$lang"); continue; fi
+    start_unit "s$s-$lang" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" --lang "$lang" \
+      --seed ${SEEDS//,/ } "${FT[@]}" --out "$OUT/finetune/s$s" "$@"
+  done
+  [ ${#skipped[@]} -eq 0 ] || echo "finetune s$s: ${skipped[*]}: every seed done, skipped"
+}
+
+# --jobs N > 1: a first pool runs the primings and settings 1-3, a second one settings 4-7 (they need the primings)
 prime 4 meta                         # Algorithm 1
 prime 5 ft --mode ft                 # fine-tuning priming on the same examples
 prime 6 maml --inner-scope all       # MAML loop (the inner loop updates the body too)
@@ -95,9 +173,11 @@ prime 7 one-step --inner-steps 1     # one inner step
 finetune 1 "${FULL[@]}"
 finetune 2 "${HEAD[@]}"
 finetune 3 "${ADAPTER[@]}"
+wait_units
 finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta"
 finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft"
 finetune 6 "${ADAPTER[@]}" --init "$OUT/prime/maml"
 finetune 7 "${ADAPTER[@]}" --init "$OUT/prime/one-step"
+wait_units
 python "$HERE/evaluate.py" "$OUT"
 echo "run_table1.sh: done in $((SECONDS / 60)) min $((SECONDS % 60)) s"

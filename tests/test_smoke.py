@@ -1,7 +1,9 @@
 """run_table1.sh end to end on the smoke preset (tiny random BERT, synthetic data, 7 x 6 grid):
-a plain run, a run killed with SIGKILL twice and rerun, and a run whose MAML priming diverged."""
+a plain run, a run killed with SIGKILL twice and rerun, a run whose MAML priming diverged, and --jobs 2
+(same table, one log per unit, a rerun skips everything, a failing unit stops the grid)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,11 +14,18 @@ import pytest
 from conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, "run_table1.sh")
+PRIMED = ["meta", "ft", "maml", "one-step"]
+TARGETS = ["hi", "af", "az", "lt", "et", "nl"]
 NAMES = ["Full FT", "HT", "AT", "Meta Priming -> AT", "FT Priming -> AT", "MP [MAML Loop] -> AT", "MP [1 Inner Step] -> AT"]
 
 
-def smoke(out):
-    run = subprocess.run(["bash", SCRIPT, "--preset", "smoke", "--out", str(out)], capture_output=True, text=True, timeout=600)
+def run_script(out, *options):
+    return subprocess.run(["bash", SCRIPT, "--preset", "smoke", "--out", str(out), *options], capture_output=True, text=True,
+                          timeout=900)
+
+
+def smoke(out, *options):
+    run = run_script(out, *options)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
 
@@ -74,7 +83,8 @@ def test_killed_twice_then_rerun_gives_the_same_table(reference, tmp_path):
     assert (out / "table1.md").read_text() in stdout
 
 
-def test_diverged_priming_is_reported_and_the_grid_carries_on(reference, tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_diverged_priming_is_reported_and_the_grid_carries_on(reference, tmp_path, jobs):
     ref_out, _ = reference
     out = tmp_path / "run"
     shutil.copytree(ref_out, out)
@@ -82,6 +92,60 @@ def test_diverged_priming_is_reported_and_the_grid_carries_on(reference, tmp_pat
     shutil.rmtree(out / "finetune" / "s6")
     (out / "prime" / "maml").mkdir()
     (out / "prime" / "maml" / "diverged.json").write_text(json.dumps({"script": "prime.py", "step": 3, "loss": None}))
-    rows = table_rows(smoke(out))
+    stdout = smoke(out, "--jobs", jobs)
+    if jobs == "2":  # exit code 3 per unit: reported, and the other units go on
+        assert all(re.search(f"end   s6-{lang} after .*: diverged \\(exit 3\\); carrying on", stdout) for lang in TARGETS)
+    rows = table_rows(stdout)
     assert rows[5] == "| 6 | MP [MAML Loop] -> AT | " + " | ".join(["diverged"] * 7) + " | 0 |"
     assert rows[:5] + rows[6:] == [r for i, r in enumerate(table_rows((ref_out / "table1.md").read_text())) if i != 5]
+
+
+def test_jobs_2_gives_the_same_table_with_one_log_per_unit(reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    stdout = smoke(out, "--jobs", "2")
+    assert (out / "table1.md").read_text() == (ref_out / "table1.md").read_text()
+    assert "2 jobs at a time on CPU, 1 thread(s) each" in stdout or "GPU" in stdout
+    units = [f"prime-{n}" for n in PRIMED] + [f"s{s}-{lang}" for s in range(1, 8) for lang in TARGETS]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(f"{u}.log" for u in units)
+    lines = stdout.splitlines()
+    at = lambda text: next(i for i, line in enumerate(lines) if text in line)
+    for unit in units:  # one line when a unit starts, one when it ends
+        assert sum(f"start {unit} (slot " in line or re.search(f"end   {unit} after .*: ok$", line) is not None
+                   for line in lines) == 2, unit
+    assert max(at(f"end   prime-{n} ") for n in PRIMED) < min(at(f"start s{s}-") for s in range(4, 8))  # dependencies
+    assert "s4 hi seed1: test F1" in (out / "logs" / "s4-hi.log").read_text()
+    assert "s4 hi seed1: test F1" not in stdout  # the units' own output goes to their logs
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    rerun = smoke(out, "--jobs", "2")  # everything is done: nothing starts, the same table
+    assert " start " not in rerun and "primed: " in rerun and "every seed done, skipped" in rerun
+    assert {p.name: p.read_text() for p in (out / "logs").iterdir()} == logs
+    assert (out / "table1.md").read_text() == (ref_out / "table1.md").read_text()
+
+
+def test_jobs_2_a_failing_unit_stops_the_grid_and_names_its_log(reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    (out / "table1.md").unlink()
+    os.remove(out / "prime" / "meta" / "model.safetensors")  # s4 units cannot load their primed checkpoint
+    shutil.rmtree(out / "finetune" / "s4" / "hi")
+    shutil.rmtree(out / "finetune" / "s5" / "hi")
+    # --model: the checkpoints were primed from the reference's tiny BERT (a copy would be refused)
+    run = run_script(out, "--jobs", "2", "--model", str(ref_out / "tiny-bert"))
+    assert run.returncode not in (0, 3)
+    assert re.search("end   s4-hi after .*: FAILED \\(exit [0-9]+\\): .*model.safetensors", run.stdout), run.stdout
+    message = run.stderr.strip().splitlines()[-1]
+    assert "1 unit(s) failed: s4-hi" in message and str(out / "logs" / "s4-hi.log") in message, run.stderr
+    assert re.search("end   s5-hi after .*: ok", run.stdout)  # started with s4-hi: allowed to finish
+    assert (out / "finetune" / "s5" / "hi" / "seed1" / "result.json").exists()
+    assert not (out / "table1.md").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "x"])
+def test_invalid_jobs_is_one_line_and_exit_2(tmp_path, value):
+    run = subprocess.run(["bash", SCRIPT, "--preset", "smoke", "--jobs", value, "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "--jobs" in run.stderr and value in run.stderr
+    assert not (tmp_path / "run").exists()
