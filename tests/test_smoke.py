@@ -149,3 +149,20 @@ def test_invalid_jobs_is_one_line_and_exit_2(tmp_path, value):
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "--jobs" in run.stderr and value in run.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_smoke_preset_with_another_pe_method(tmp_path, method):
+    """`run_table1.sh --preset smoke --pe lora|bitfit` end to end: every cell filled, the primed checkpoints and
+    the settings 3-7 runs carry the method, which trains its own parameter count."""
+    out = tmp_path / "run"
+    run = subprocess.run(["bash", SCRIPT, "--preset", "smoke", "--pe", method, "--out", str(out)], capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = table_rows(run.stdout)
+    assert [r.split(" | ")[1] for r in rows] == NAMES and all(" - " not in r and "diverged" not in r for r in rows)
+    for name in ["meta", "ft", "maml", "one-step"]:
+        assert json.loads((out / "prime" / name / "checkpoint.json").read_text())["pe"]["method"] == method
+    results = [json.loads(p.read_text()) for p in out.glob("finetune/s*/*/seed1/result.json")]
+    assert len(results) == 42 and all(r["pe"]["method"] == method for r in results if r["setting"] >= 3)
+    assert len({r["trainable_params"] for r in results if r["setting"] >= 3}) == 1

@@ -16,4 +16,9 @@ for s in 2 3; do for lr in 1e-3 3e-3 1e-2 3e-2; do for ep in 10 20 40; do   # 2:
   python finetune.py --setting $s --model $M --data-dir $D "${S[@]}" --lr $lr --epochs $ep --cache-body \
     --feature-cache runs/features --out $O/s$s-lr$lr-ep$ep
 done; done; done
+for c in "2 3e-2 80" "3 3e-3 80" "3 1e-2 80"; do set -- $c   # extensions: the best head/adapter configurations sat at the edge
+  python finetune.py --setting $1 --model $M --data-dir $D "${S[@]}" --lr $2 --epochs $3 --cache-body \
+    --feature-cache runs/features --out $O/s$1-lr$2-ep$3
+done
+python finetune.py --setting 1 --model $M --data-dir $D "${S[@]}" --lr 3e-4 --epochs 6 --out $O/s1-lr3e-4-ep6   # beyond the budget
 python evaluate.py --sweep $O
