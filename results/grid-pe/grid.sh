@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Issue F: the PE-tuning recipe of LoRA and BitFit on the mini preset (multilingual-e5-small), by the protocol of
+# results/grid-e5: one fine-tuning seed, targets hi az et, 1000/500/1000 sentences, dev F1 only; the chosen
+# recipe is the cheapest configuration within 0.5 of the best average dev F1. LoRA and BitFit live inside the
+# body, so no body output can be cached: every epoch is a forward+backward pass through the body, and the
+# epochs are few (the adapter's 40 epochs on cached outputs cost less than one of these).
+#   bash results/grid-pe/grid.sh [DATA_DIR]; O=runs/grid-pe to write elsewhere; then python evaluate.py --sweep $O
+set -euo pipefail
+M=multilingual-e5-small D=${1:-../shared/wikiann} O=${O:-results/grid-pe}
+S=(--train-size 1000 --dev-size 500 --test-size 1000 --lang hi az et --seed 1)
+for pe in lora bitfit; do
+  for c in "1e-3 2" "1e-3 4" "3e-3 2" "3e-3 4" "1e-2 4"; do set -- $c
+    python finetune.py --setting 3 --pe $pe --model $M --data-dir $D "${S[@]}" --lr $1 --epochs $2 --out $O/$pe/s3-lr$1-ep$2
+  done
+done
+python evaluate.py --sweep $O/lora && python evaluate.py --sweep $O/bitfit
