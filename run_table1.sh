@@ -44,7 +44,7 @@ case "$PRESET" in
     PRIME=(--train-size 4000 --epochs 1 --save-every 10)  # 62 meta-steps of 2 tasks x (32 support + 32 query)
     FT=(--train-size 1000 --dev-size 500 --test-size 1000)
     # lr/epochs per group: the cheapest within 0.5 of the best average dev F1 on hi az et in a small grid
-    # (results/grid-e5; LoRA and BitFit: results/grid-pe)
+    # (results/grid-e5). LoRA and BitFit: a PLACEHOLDER, not chosen by a grid; results/grid-pe/grid.sh chooses them
     FULL=(--epochs 4 --lr 3e-4) HEAD=(--epochs 40 --lr 3e-2 --cache-body)  # full FT: 6 epochs is better (+3.5 dev F1) but over the budget
     declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3 --cache-body" [lora]="--epochs 3 --lr 1e-3" [bitfit]="--epochs 3 --lr 1e-3") ;;
   mini-minilm)  # the English all-MiniLM-L6-v2 (the mini preset until issue E); recipes from results/grid-minilm

@@ -229,3 +229,17 @@ def test_feature_cache_is_shared_by_runs_on_the_same_body(tiny_dir, primed_dirs,
     assert len(list(cache.iterdir())) == 6  # the primed body (setting 4) has its own
     a, b = results[3, True], results[3, False]
     assert (a["test_f1"], a["dev_f1"], a["best_epoch"]) == (b["test_f1"], b["dev_f1"], b["best_epoch"])
+
+
+def test_scripts_start_without_the_heavy_libraries():
+    """Start-up (H): `--help` and every process of the grid import our scripts first; they must not pull in seqeval
+    (and scikit-learn), datasets, transformers, safetensors or peft, which each path imports where it needs them."""
+    heavy = ("seqeval", "sklearn", "datasets", "transformers", "safetensors", "peft")
+    code = ("import sys, bench, data, evaluate, finetune, model, pe, prime, dist, e5; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True).stdout
+    assert out.strip() == "[]", out
+    for script in ("finetune.py", "prime.py", "evaluate.py"):
+        r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=root)
+        assert r.returncode == 0 and "usage:" in r.stdout
