@@ -5,9 +5,10 @@
 # Writes OUT_PREFIX-<method>-prime<k>/ (settings 3-5 for k=1, 4-5 for the other priming seeds).
 set -euo pipefail
 PREFIX=${1:-runs/pe} PRIME_SEEDS=${2:-1 2 3} SEEDS=${3:-1,2,3}
+FIRST=${PRIME_SEEDS%% *}  # setting 3 does not depend on priming: run it with the first priming seed only
 for pe in lora bitfit; do
   for k in $PRIME_SEEDS; do
-    settings=4,5; [ "$k" = "$(echo $PRIME_SEEDS | cut -d' ' -f1)" ] && settings=3,4,5
+    settings=4,5; [ "$k" = "$FIRST" ] && settings=3,4,5
     bash run_table1.sh --preset mini --pe $pe --settings $settings --prime-seed $k --seeds $SEEDS --out $PREFIX-$pe-prime$k
   done
 done
