@@ -274,6 +274,9 @@ def priming_report(prime_dirs):
     for d in prime_dirs:
         with open(os.path.join(d, "log.jsonl")) as f:
             log = [json.loads(line) for line in f if line.strip()]
+        if not log:  # a run that has not finished its first meta-step yet
+            md.append(f"| {d} | 0 |" + " - |" * 5)
+            continue
         first, last = (statistics.mean(r["loss"] for r in part) for part in (log[:5], log[-5:]))
         support = [t["support_loss"] for r in log for t in r["tasks"] if t.get("support_loss")]
         inner = [f"{statistics.mean(s[i] for s in support):.3f}" if support else "-" for i in (0, -1)]

@@ -116,11 +116,15 @@ def test_priming_report_from_log_and_checkpoint(tmp_path):
             f.write(json.dumps({"step": step + 1, "loss": 2.0 - 0.1 * step, "tasks": tasks}) + "\n")
     (ft / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.25, "tasks": [{"loss": 1.25}]}) + "\n")
     save_file({"adapter.up.weight": torch.tensor([[3.0, 4.0]])}, str(meta / "model.safetensors"))
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--priming", str(meta), str(ft)],
+    started = tmp_path / "started"  # a run still before its first logged meta-step
+    started.mkdir()
+    (started / "log.jsonl").write_text("")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--priming", str(meta), str(ft), str(started)],
                          capture_output=True, text=True, check=True).stdout
     # first 5 steps: mean(2.0 .. 1.6) = 1.8; last 5: mean(1.9 .. 1.5) = 1.7; support (1+3)/2 = 2 -> (0.5+2)/2 = 1.25
     assert f"| {meta} | 6 | 1.800 | 1.700 | 2.000 | 1.250 | 5.0000 |" in out
     assert f"| {ft} | 1 | 1.250 | 1.250 | - | - | - |" in out
+    assert f"| {started} | 0 | - | - | - | - | - |" in out
 
 
 def test_compare_and_ablation_tables(tmp_path):
