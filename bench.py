@@ -17,7 +17,7 @@
 4. PE methods (adapter, LoRA, BitFit): the meta-step against its limit, (S+1) forward+backward passes with
    gradients for that method's parameters only (issue F).
 5. Inner-loop variants against the paper's S=5 SGD step: S=50, AdamW with a fresh head, second order,
-   Reptile (issue G).    python bench.py --parts 4,5 --repeats 3
+   Reptile (issue G). Run: python bench.py --parts 4,5 --repeats 3
 Each time is the min and median of --repeats runs.
 """
 import argparse
