@@ -4,7 +4,7 @@
     python bench.py --device cuda --bf16 --model bert-base-multilingual-cased
 
 1. Meta-step time at S=5 on the same meta-batches (2 tasks of 32 support + 32 query sentences):
-   ours (prime.meta_gradients, body run once per task on the support batch), a naive first-order
+   ours (meta.meta_gradients, body run once per task on the support batch), a naive first-order
    reference (deepcopy of the model per task, S full forward+backward steps), and the limit (per task
    one no-grad body forward on the support batch + one forward+backward on the query batch). Gradient
    computation only: the AdamW update, the same for all three, is timed on its own line.
@@ -33,8 +33,9 @@ import torch
 
 import finetune
 import pe
+import meta
 import prime
-from data import LABELS, add_data_args, batch_indices, collate, encode, load_split, meta_batches
+from data import LABELS, add_data_args, collate, encode, load_split, meta_batches
 from model import PACKAGED_MINILM, group_of, in_groups, load_tagger, named_group_params, precision, set_trainable, tagging_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,8 +97,8 @@ def line(name, times, ratio=None, of=None):
 
 
 def source_data(args, tokenizer):
-    return {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.sentences), tokenizer, 128)
-            for lang in ("en", "es")}
+    return {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.sentences), tokenizer, 128,
+                         args.word_position) for lang in ("en", "es")}
 
 
 def bench_priming(args, model, tokenizer):
@@ -105,14 +106,14 @@ def bench_priming(args, model, tokenizer):
           f"{args.device}{' bf16' if args.bf16 else ''}")
     pad = tokenizer.pad_token_id
     metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:args.repeats + 1]
-    inner = list(named_group_params(model, prime.INNER_GROUPS["pe"]))
-    every = list(named_group_params(model, prime.INNER_GROUPS["all"]))
-    runs = {"ours (cached support pass)": lambda t: prime.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device),
+    inner = list(named_group_params(model, meta.INNER_GROUPS["pe"]))
+    every = list(named_group_params(model, meta.INNER_GROUPS["all"]))
+    runs = {"ours (cached support pass)": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device),
             "naive (deepcopy, S full fwd+bwd)": lambda t: naive_meta_gradients(model, t, pad, args.inner_steps, 0.03, device=args.device),
             "limit (support fwd + query fwd+bwd)": lambda t: limit_gradients(model, t, pad, args.device),
-            "plain support pass (body at every step)": lambda t: prime.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03,
+            "plain support pass (body at every step)": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03,
                                                                                        args.device, support_pass="plain"),
-            "MAML loop (--inner-scope all), for reference": lambda t: prime.meta_gradients(model, t, pad, every, args.inner_steps,
+            "MAML loop (--inner-scope all), for reference": lambda t: meta.meta_gradients(model, t, pad, every, args.inner_steps,
                                                                                             0.03, args.device)}
     times = {name: [] for name in runs}
     optimizer = torch.optim.AdamW(named_group_params(model, ("body", "adapter")).values(), lr=5e-5)
@@ -148,13 +149,13 @@ def profile(model, metas, pad, inner, args):
         batch = collate(support, pad, args.device)
         with precision(args.device, args.bf16):
             parts["deepcopy of the model"].append(timed(lambda: copy.deepcopy(model), args.device))
-            parts["body forward, no grad"].append(timed(lambda: prime.body_output(model, batch, True), args.device))
-            h = prime.body_output(model, batch, True)
+            parts["body forward, no grad"].append(timed(lambda: model.body_output(model, batch, True), args.device))
+            h = model.body_output(model, batch, True)
             model.zero_grad(set_to_none=True)
             parts["forward+backward, all parameters"].append(timed(lambda: tagging_loss(
                 model(batch["input_ids"], batch["attention_mask"]), batch["labels"]).backward(), args.device))
             parts["adapter+head SGD step on cached body output"].append(
-                timed(lambda: prime.fast_adapt(model, batch, inner, 1, 0.03, h), args.device))
+                timed(lambda: meta.fast_adapt(model, batch, inner, 1, 0.03, h), args.device))
     print(f"  profile of one task, {len(parts['deepcopy of the model'])} support batches:")
     med = {name: line("  " + name, ts) for name, ts in parts.items()}
     copy_, fwd, fb, top = med.values()
@@ -166,7 +167,8 @@ def profile(model, metas, pad, inner, args):
 
 def bench_finetuning(args, tokenizer):
     print(f"2. one fine-tuning epoch on {args.ft_sentences} {args.ft_lang} sentences, batch 32")
-    examples = encode(load_split(args.ft_lang, "train", args.data_dir, args.synthetic, args.ft_sentences), tokenizer, 128)
+    examples = encode(load_split(args.ft_lang, "train", args.data_dir, args.synthetic, args.ft_sentences), tokenizer, 128,
+                      args.word_position)
     ft_args = finetune.parse_args(["--setting", "1", "--lang", args.ft_lang, "--out", "-", "--device", args.device]
                                   + (["--bf16"] if args.bf16 else []))
     pad = tokenizer.pad_token_id
@@ -224,9 +226,11 @@ def bench_pe_methods(args):
         model.to(args.device).train()
         pad = tokenizer.pad_token_id
         metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:args.repeats + 1]
-        inner = list(named_group_params(model, prime.INNER_GROUPS["pe"]))
-        runs = {"ours": lambda t: prime.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device),
-                "limit": lambda t: pe_limit_gradients(model, t, pad, args.inner_steps, args.device)}
+        inner = list(named_group_params(model, meta.INNER_GROUPS["pe"]))
+        runs = {"ours": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device),
+                "limit": lambda t: pe_limit_gradients(model, t, pad, args.inner_steps, args.device),
+                "second": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device,
+                                                        adapt=meta.fast_adapt_second_order)}
         times[method] = {name: [] for name in runs}
         for k, tasks in enumerate(metas):
             for name, run in runs.items():
@@ -237,7 +241,10 @@ def bench_pe_methods(args):
         ours, limit = times[method]["ours"], times[method]["limit"]
         line(f"{method}: ours", ours, ratio=ratio(ours, limit), of="its limit")
         line(f"{method}: limit, (S+1) fwd+bwd, PE grads only", limit)
+        line(f"{method}: second order (--meta-grad second" + ("" if method == "adapter" else "; math attention kernel") + ")",
+             times[method]["second"], ratio=ratio(times[method]["second"], ours), of="first order")
         out[f"{method}_ours_over_limit"] = ratio(ours, limit)
+        out[f"{method}_second_over_first"] = ratio(times[method]["second"], ours)
     print("  (adapter: the body runs once per support batch (cached), so ours is below the limit of (S+1) passes; "
           "LoRA and BitFit live inside the body: every inner step is a forward+backward through it, and the query "
           "pass computes the body's gradient too)")
@@ -249,20 +256,20 @@ def bench_variants(args, model, tokenizer):
     print(f"5. inner-loop variants, meta-step of 2 tasks x ({args.task_size} support + {args.task_size} query), {args.device}")
     pad = tokenizer.pad_token_id
     metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:args.repeats + 1]
-    inner = list(named_group_params(model, prime.INNER_GROUPS["pe"]))
-    every = list(named_group_params(model, prime.INNER_GROUPS["all"]))
+    inner = list(named_group_params(model, meta.INNER_GROUPS["pe"]))
+    every = list(named_group_params(model, meta.INNER_GROUPS["all"]))
     variants = {"S=5 SGD first-order (paper)": dict(steps=5),
                 "S=50 SGD first-order": dict(steps=50),
-                "S=50 AdamW, fresh head": dict(steps=50, adapt=prime.fast_adapt_adamw, inner_head="fresh"),
-                "S=5 second-order (--meta-grad second)": dict(steps=5, adapt=prime.fast_adapt_second_order),
-                "Reptile, PE analogue, S=5": dict(steps=5, outer=prime.reptile_gradients),
-                "Reptile, --inner-scope all, S=5": dict(steps=5, outer=prime.reptile_gradients, names=every)}
+                "S=50 AdamW, fresh head": dict(steps=50, adapt=meta.fast_adapt_adamw, inner_head="fresh"),
+                "S=5 second-order (--meta-grad second)": dict(steps=5, adapt=meta.fast_adapt_second_order),
+                "Reptile, PE analogue, S=5": dict(steps=5, outer=meta.reptile_gradients),
+                "Reptile, --inner-scope all, S=5": dict(steps=5, outer=meta.reptile_gradients, names=every)}
     times = {name: [] for name in variants}
     model.train()
     for k, tasks in enumerate(metas):
         for name, v in variants.items():
             v = dict(v)
-            outer, names, steps = v.pop("outer", prime.meta_gradients), v.pop("names", inner), v.pop("steps")
+            outer, names, steps = v.pop("outer", meta.meta_gradients), v.pop("names", inner), v.pop("steps")
             model.zero_grad(set_to_none=True)
             t = timed(lambda: outer(model, tasks, pad, names, steps, 0.03, args.device, **v), args.device)
             if k:

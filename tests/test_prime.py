@@ -1,6 +1,6 @@
-"""Algorithm 1 against an independent reference (bench.naive_meta_gradients: a deep copy of the
-model per task, S plain torch.optim.SGD steps, the query gradient at the adapted weights), and
-the cached support pass against the plain one."""
+"""prime.py: the outer step (AdamW on the summed meta-gradients of tests/reference.py, the head set to the first
+task's adapted head), each variant's script run against its reference, the cached support pass, dropout, bf16,
+the vocabulary lever. The meta-gradients themselves: tests/test_meta.py."""
 import contextlib
 import copy
 import json
@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import data
+import meta
+import model
 import prime
-from bench import naive_meta_gradients
+import reference as ref
 from model import group_of, load_tagger, tagging_loss
 
 
@@ -25,66 +27,23 @@ def snapshot(tagger):
     return {n: p.detach().clone() for n, p in tagger.named_parameters()}
 
 
-@pytest.mark.parametrize("scope", ["pe", "all"])
-def test_inner_loop_updates_only_its_scope(tiny, scope):
-    tagger, tokenizer = tiny
-    support, _ = make_tasks(tokenizer)[0]
-    before = snapshot(tagger)
-    names = list(prime.named_group_params(tagger, prime.INNER_GROUPS[scope]))
-    fast, losses = prime.fast_adapt(tagger, data.collate(support, tokenizer.pad_token_id), names, 5, 0.03)
-    assert len(losses) == 5 and losses[-1] < losses[0]
-    assert all(torch.equal(p, before[n]) for n, p in tagger.named_parameters())  # the model itself is untouched
-    expected = {"pe": {"adapter", "head"}, "all": {"body", "adapter", "head"}}[scope]
-    assert {group_of(n) for n in fast} == expected
-    moved = {group_of(n) for n, w in fast.items() if not torch.equal(w, before[n])}
-    assert moved == expected  # every group in scope moved; nothing outside it is even copied
-
-
-def reference(tagger, tasks, pad_id, steps, scope):
-    """(summed first-order meta-gradients of body+adapter, first task's adapted head) from the naive path."""
-    ref = copy.deepcopy(tagger)
-    first_head = naive_meta_gradients(ref, tasks, pad_id, steps, 0.03, scope)
-    return {n: p.grad for n, p in ref.named_parameters() if group_of(n) != "head"}, first_head
-
-
-@pytest.mark.parametrize("scope, steps, support_pass", [("pe", 5, "cached"), ("pe", 5, "plain"), ("pe", 1, "cached"),
-                                                        ("all", 3, "cached")])
-def test_meta_gradient_equals_reference(tiny, scope, steps, support_pass):
-    tagger, tokenizer = tiny
-    tasks = make_tasks(tokenizer)
-    ref_grads, ref_head = reference(tagger, tasks, tokenizer.pad_token_id, steps, scope)
-    tagger.zero_grad(set_to_none=True)
-    names = list(prime.named_group_params(tagger, prime.INNER_GROUPS[scope]))
-    stats, first_head = prime.meta_gradients(tagger, tasks, tokenizer.pad_token_id, names, steps, 0.03,
-                                             support_pass=support_pass)
-    assert len(stats) == 2
-    for n, p in tagger.named_parameters():
-        if group_of(n) == "head":
-            assert p.grad is None  # no meta-gradient for the head
-        else:
-            assert p.grad is not None, n
-            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
-    for n, w in ref_head.items():
-        torch.testing.assert_close(first_head[n], w, rtol=1e-5, atol=1e-7)
-
-
 def test_cached_support_pass_equals_plain_without_dropout(tiny):
     """Dropout off: running the body once per task gives the same adapted weights and meta-gradients
     as running it at every inner step."""
     tagger, tokenizer = tiny
     tasks = make_tasks(tokenizer)
-    names = list(prime.named_group_params(tagger, prime.INNER_GROUPS["pe"]))
+    names = list(model.named_group_params(tagger, meta.INNER_GROUPS["pe"]))
     support = data.collate(tasks[0][0], tokenizer.pad_token_id)
-    plain, plain_losses = prime.fast_adapt(tagger, support, names, 5, 0.03)
-    features = prime.body_output(tagger, support, dropout=False)
-    cached, cached_losses = prime.fast_adapt(tagger, support, names, 5, 0.03, features)
+    plain, plain_losses = meta.fast_adapt(tagger, support, names, 5, 0.03)
+    features = model.body_output(tagger, support, dropout=False)
+    cached, cached_losses = meta.fast_adapt(tagger, support, names, 5, 0.03, features)
     assert cached_losses == pytest.approx(plain_losses, rel=1e-6)
     for n in names:
         torch.testing.assert_close(cached[n], plain[n], rtol=1e-6, atol=1e-7)
     grads = {}
     for support_pass in ("plain", "cached", "cached-eval"):
         tagger.zero_grad(set_to_none=True)
-        prime.meta_gradients(tagger, tasks, tokenizer.pad_token_id, names, 5, 0.03, support_pass=support_pass)
+        meta.meta_gradients(tagger, tasks, tokenizer.pad_token_id, names, 5, 0.03, support_pass=support_pass)
         grads[support_pass] = {n: p.grad.clone() for n, p in tagger.named_parameters() if p.grad is not None}
     for support_pass in ("cached", "cached-eval"):
         for n, g in grads["plain"].items():
@@ -97,86 +56,86 @@ def test_body_output_dropout_modes(tiny_dir):
     support = data.collate(make_tasks(tokenizer)[0][0], tokenizer.pad_token_id)
     tagger.train()
     torch.manual_seed(0)
-    a = prime.body_output(tagger, support, dropout=True)
-    b = prime.body_output(tagger, support, dropout=True)
+    a = model.body_output(tagger, support, dropout=True)
+    b = model.body_output(tagger, support, dropout=True)
     assert not torch.equal(a, b)  # dropout is on in train mode
-    assert torch.equal(prime.body_output(tagger, support, dropout=False), prime.body_output(tagger, support, dropout=False))
+    assert torch.equal(model.body_output(tagger, support, dropout=False), model.body_output(tagger, support, dropout=False))
     assert tagger.body.training  # the body's mode is restored
-
-
-def test_prime_step_adamw_on_body_adapter_and_head_reset(tiny, tmp_path):
-    tagger, tokenizer = tiny
-    args = prime.parse_args(["--out", str(tmp_path), "--model", "x", "--device", "cpu"])
-    tasks = make_tasks(tokenizer)
-    ref = copy.deepcopy(tagger)  # the reference outer step: AdamW(5e-5) on the naive summed gradients
-    ref_head = naive_meta_gradients(ref, tasks, tokenizer.pad_token_id, 5, 0.03)
-    torch.optim.AdamW([p for n, p in ref.named_parameters() if group_of(n) != "head"], lr=5e-5, weight_decay=0.01).step()
-
-    optimizer, schedule = prime.make_optimizer(tagger, args, total_steps=10)
-    before = snapshot(tagger)
-    prime.prime_step(tagger, optimizer, schedule, tasks, args, tokenizer.pad_token_id)
-    for n, p in tagger.named_parameters():
-        expected = ref_head[n] if group_of(n) == "head" else dict(ref.named_parameters())[n]
-        torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-7, msg=n)
-        assert not torch.equal(p, before[n]), n  # body, adapter and head all moved
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-5 * 9 / 10)  # linear decay, no warm-up
-
-
-def test_ft_priming_trains_everything_on_the_same_examples(tiny, tmp_path):
-    tagger, tokenizer = tiny
-    args = prime.parse_args(["--out", str(tmp_path), "--model", "x", "--mode", "ft", "--device", "cpu"])
-    tasks = make_tasks(tokenizer)
-    optimizer, schedule = prime.make_optimizer(tagger, args, total_steps=10)
-    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(p.numel() for p in tagger.parameters())
-    ref = copy.deepcopy(tagger)
-    batch = data.collate([ex for s, q in tasks for ex in s + q], tokenizer.pad_token_id)
-    assert batch["input_ids"].shape[0] == 2 * (4 + 5)
-    tagging_loss(ref(batch["input_ids"], batch["attention_mask"]), batch["labels"]).backward()
-    prime.prime_step(tagger, optimizer, schedule, tasks, args, tokenizer.pad_token_id)
-    for n, p in tagger.named_parameters():
-        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[n].grad, rtol=1e-5, atol=1e-7)
 
 
 VARIANT_FLAGS = {"meta": [], "ft": ["--mode", "ft"], "maml": ["--inner-scope", "all"], "one-step": ["--inner-steps", "1"]}
 
 
-def one_reference_step(tiny_dir, variant, seed=1):
-    """An independent reference of prime.py's first meta-step for one variant, dropout off: the same initial
-    weights (torch seed, then load) and meta-batch, then bench.naive_meta_gradients (deep copies, plain SGD)
-    or one plain gradient (ft), and one AdamW step; the head as the variant sets it."""
+def reference_gradients(tagger, tasks, pad_id, variant):
+    """tests/reference.py's gradients of one meta-batch for a variant of settings 4-7 (ft: one plain gradient of the
+    union of the tasks' sentences), and the head the variant leaves (None for ft: AdamW trains it)."""
+    if variant == "ft":
+        m = copy.deepcopy(tagger)
+        ref.loss(m, ref.pad([ex for s, q in tasks for ex in s + q], pad_id)).backward()
+        return {n: p.grad for n, p in m.named_parameters()}, None
+    every = [n for n, _ in tagger.named_parameters() if n not in ref.HEAD]
+    names, steps = {"meta": (ref.ADAPTER, 5), "maml": (every, 5), "one-step": (ref.ADAPTER, 1)}[variant]
+    return ref.first_order(tagger, tasks, pad_id, names, steps, 0.03)
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_FLAGS))
+def test_prime_step_applies_adamw_to_the_reference_gradients(tiny, variant):
+    """One outer step: the gradients it leaves equal the reference's (body + adapter; ft: everything), AdamW (lr 5e-5,
+    wd 0.01) applied to them gives the new weights, the head becomes the first task's adapted head (meta variants),
+    and the schedule decays linearly. (AdamW's first step is about -lr * sign(g): weights computed from two separately
+    summed gradients can differ where g is ~0, so gradients are compared before AdamW, not weights after it.)"""
+    tagger, tokenizer = tiny
+    args = prime.parse_args(["--out", "-", "--model", "x", "--device", "cpu"] + VARIANT_FLAGS[variant])
+    tasks = make_tasks(tokenizer)
+    expected, head = reference_gradients(tagger, tasks, tokenizer.pad_token_id, variant)
+    before, start = copy.deepcopy(tagger), snapshot(tagger)
+    optimizer, schedule = prime.make_optimizer(tagger, args, total_steps=10)
+    prime.prime_step(tagger, optimizer, schedule, tasks, args, tokenizer.pad_token_id)
+    params = dict(before.named_parameters())
+    for n, p in tagger.named_parameters():
+        if head is not None and n in ref.HEAD:
+            torch.testing.assert_close(p, head[n], rtol=1e-5, atol=1e-7, msg=n)
+            continue
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7, msg=n)
+        params[n].grad = p.grad.clone()
+    adamw = [params[n] for n, _ in tagger.named_parameters() if head is None or n not in ref.HEAD]
+    torch.optim.AdamW(adamw, lr=5e-5, weight_decay=0.01).step()
+    for n, p in tagger.named_parameters():
+        if head is None or n not in ref.HEAD:
+            torch.testing.assert_close(p, params[n], rtol=1e-6, atol=1e-9, msg=n)
+    moved = {n for n, p in tagger.named_parameters() if not torch.equal(p, start[n])}
+    assert moved >= {n for n, g in expected.items() if g.any()} | (set(ref.HEAD) if head else set())  # all that had a gradient
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-5 * 9 / 10)  # linear decay, no warm-up
+
+
+def first_step_in_process(tiny_dir, flags, seed=1):
+    """prime.py's first meta-step computed in this process with prime_step: the same initial weights (torch seed,
+    then load), the same first meta-batch (the script's seed * 1000 epoch seed), dropout off."""
     torch.manual_seed(seed)
     tagger, tokenizer, _ = load_tagger(tiny_dir, data.LABELS)
     by_lang = {lang: data.encode(data.load_split(lang, "train", synthetic=True, limit=64), tokenizer, 128) for lang in ("en", "es")}
     tasks = next(data.meta_batches(by_lang, 8, 8, seed=seed * 1000))
-    if variant == "ft":
-        batch = data.collate([ex for s, q in tasks for ex in s + q], tokenizer.pad_token_id)
-        tagging_loss(tagger(batch["input_ids"], batch["attention_mask"]), batch["labels"]).backward()
-        torch.optim.AdamW(tagger.parameters(), lr=5e-5, weight_decay=0.01).step()
-        return tagger
-    scope, steps = ("all", 5) if variant == "maml" else ("pe", 1 if variant == "one-step" else 5)
-    head = naive_meta_gradients(tagger, tasks, tokenizer.pad_token_id, steps, 0.03, scope)
-    torch.optim.AdamW([p for n, p in tagger.named_parameters() if group_of(n) != "head"], lr=5e-5, weight_decay=0.01).step()
-    with torch.no_grad():
-        for n, p in tagger.named_parameters():
-            if group_of(n) == "head":
-                p.copy_(head[n])
+    args = prime.parse_args(["--out", "-", "--model", "x", "--device", "cpu"] + flags)
+    optimizer, schedule = prime.make_optimizer(tagger, args, total_steps=1)
+    tagger.train()
+    prime.prime_step(tagger, optimizer, schedule, tasks, args, tokenizer.pad_token_id)
     return tagger
 
 
 @pytest.mark.parametrize("name", list(VARIANT_FLAGS))
-def test_prime_script_runs_each_variant_as_its_reference(tiny_nodrop_dir, tmp_path, name):
-    """prime.py with each variant's flags: the checkpoint after one meta-step equals that variant's reference
-    and differs from every other variant's (so swapped variants fail), it records its variant, and the log
-    shows the variant's inner loop (5, 1 or no support losses per task) and the step's own learning rate."""
+def test_prime_script_runs_each_variant(tiny_nodrop_dir, tmp_path, name):
+    """prime.py with each variant's flags: the checkpoint after one meta-step is that variant's prime_step (checked
+    against the reference above) and no other variant's (so swapped variants fail), it records its variant, and the
+    log shows the variant's inner loop (5, 1 or no support losses per task) and the step's own learning rate."""
     out = str(tmp_path / "primed")
     prime.main(prime.parse_args(["--model", tiny_nodrop_dir, "--synthetic", "--train-size", "64", "--support-size", "8",
                                  "--query-size", "8", "--max-steps", "1", "--out", out, "--device", "cpu"] + VARIANT_FLAGS[name]))
     primed, _, info = load_tagger(out, data.LABELS)
     assert info["variant"] == name and info["base_model"] == tiny_nodrop_dir and info["groups"] == ["body", "pe", "head"]
     got = primed.state_dict()
-    for other in VARIANT_FLAGS:
-        ref = one_reference_step(tiny_nodrop_dir, other).state_dict()
-        same = all(torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-7) for k in ref)
+    for other, flags in VARIANT_FLAGS.items():
+        expected = first_step_in_process(tiny_nodrop_dir, flags).state_dict()
+        same = all(torch.allclose(got[k], expected[k], rtol=1e-6, atol=1e-9) for k in expected)
         assert same == (other == name), (name, other)
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
@@ -203,7 +162,7 @@ def test_prime_script_writes_checkpoint_config_and_log(tiny_dir, tmp_path):
 def test_variant_names():
     name = lambda *flags: prime.variant(prime.parse_args(["--out", "x", *flags]))
     assert [name(*f) for f in VARIANT_FLAGS.values()] == list(VARIANT_FLAGS)
-    assert name("--inner-lr", "0.1") == "meta" and name("--mode", "ft", "--inner-steps", "1") == "ft"
+    assert name("--inner-lr", "0.1") == "meta"
     assert name("--inner-scope", "all", "--inner-steps", "1") == "meta(inner_scope=all, inner_steps=1)"
 
 
@@ -232,8 +191,8 @@ def test_bf16_backward_runs_outside_autocast(tiny, tmp_path, monkeypatch, flags)
     real_grad, real_backward = torch.autograd.grad, torch.Tensor.backward
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(RecordAutocast.inside) or real_grad(*a, **k))
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: calls.append(RecordAutocast.inside) or real_backward(self, *a, **k))
-    forwards = []
-    tagger.head.register_forward_hook(lambda *_: forwards.append(torch.is_autocast_enabled("cpu")))
+    forwards = []  # the body's forward passes run inside autocast (adapter+head on cached body outputs run in fp32)
+    tagger.body.register_forward_hook(lambda *_: forwards.append(torch.is_autocast_enabled("cpu")))
     monkeypatch.setattr(prime, "precision", lambda device, bf16: RecordAutocast() if bf16 else contextlib.nullcontext())
     args = prime.parse_args(["--out", str(tmp_path), "--model", "x", "--device", "cpu", "--bf16"] + flags)
     optimizer, schedule = prime.make_optimizer(tagger, args, total_steps=10)
@@ -250,7 +209,7 @@ def test_dropout_on_meta_gradient_equals_reference(tiny_dir, support_pass):
     tagger, tokenizer, _ = load_tagger(tiny_dir, data.LABELS, adapter_dim=8)
     assert tagger.body.config.hidden_dropout_prob > 0
     tasks, pad = make_tasks(tokenizer), tokenizer.pad_token_id
-    names = list(prime.named_group_params(tagger, prime.INNER_GROUPS["pe"]))
+    names = list(model.named_group_params(tagger, meta.INNER_GROUPS["pe"]))
     ref = copy.deepcopy(tagger)
     ref.train()
     torch.manual_seed(7)
@@ -275,7 +234,7 @@ def test_dropout_on_meta_gradient_equals_reference(tiny_dir, support_pass):
         getattr(tagger, mode)()
         tagger.zero_grad(set_to_none=True)
         torch.manual_seed(7)
-        prime.meta_gradients(tagger, tasks, pad, names, 5, 0.03, support_pass=support_pass)
+        meta.meta_gradients(tagger, tasks, pad, names, 5, 0.03, support_pass=support_pass)
         grads[mode] = {n: p.grad for n, p in tagger.named_parameters() if p.grad is not None}
     for n, p in ref.named_parameters():
         if group_of(n) != "head":

@@ -1,6 +1,7 @@
-"""run_table1.sh end to end on the smoke preset (tiny random BERT, synthetic data, 7 x 6 grid):
-a plain run, a run killed with SIGKILL twice and rerun, a run whose MAML priming diverged, and --jobs 2
-(same table, one log per unit, a rerun skips everything, a failing unit stops the grid)."""
+"""run_table1.sh end to end on the smoke preset (tiny random BERT, synthetic data): one whole 7 x 6 grid, the
+reference; then parts of it (--settings, --targets), each checked against the reference's numbers: killed with
+SIGKILL twice and rerun, a diverged MAML priming, --jobs 2 (one log per unit, a rerun redoes nothing, a failing unit
+stops the grid), another priming seed into the same OUT (refused), LoRA and BitFit."""
 import json
 import os
 import re
@@ -54,8 +55,8 @@ def test_smoke_preset_prints_seven_rows(reference):
     assert (out / "table1.md").read_text() in stdout and (out / "table1.csv").exists()
 
 
-def start(out):
-    return subprocess.Popen(["bash", SCRIPT, "--preset", "smoke", "--out", str(out)], stdout=subprocess.DEVNULL,
+def start(out, *options):
+    return subprocess.Popen(["bash", SCRIPT, "--preset", "smoke", "--out", str(out), *options], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -69,17 +70,23 @@ def kill_when(proc, condition, timeout=300):
     proc.wait()
 
 
-def test_killed_twice_then_rerun_gives_the_same_table(reference, tmp_path):
+def cells(out, settings, langs):
+    """{(setting, lang): test F1} of the grid's result.json files."""
+    return {(s, lang): json.loads((out / "finetune" / f"s{s}" / lang / "seed1" / "result.json").read_text())["test_f1"]
+            for s in settings for lang in langs}
+
+
+def test_killed_twice_then_rerun_gives_the_same_results(reference, tmp_path):
+    """A part of the grid (the meta priming, settings 3 and 4 on two targets): killed while priming, once a resume
+    state exists, and while fine-tuning, once a run has finished; the rerun completes it with the reference's numbers."""
     ref_out, _ = reference
-    out = tmp_path / "run"
-    # 1: while priming, once a priming run has saved its resume state
-    kill_when(start(out), lambda: any(out.glob("prime/*/resume.pt")))
-    assert not (out / "table1.md").exists()
-    # 2: while fine-tuning, after some runs have finished
-    kill_when(start(out), lambda: len(list(out.glob("finetune/s*/*/seed1/result.json"))) >= 3)
-    assert all((out / "prime" / n / "checkpoint.json").exists() for n in ["meta", "ft", "maml", "one-step"])
-    stdout = smoke(out)
-    assert (out / "table1.md").read_text() == (ref_out / "table1.md").read_text()
+    out, part = tmp_path / "run", ("--settings", "3,4", "--targets", "hi,af")
+    kill_when(start(out, *part), lambda: any(out.glob("prime/*/resume.pt")))
+    assert not (out / "table1.md").exists() and not (out / "prime" / "meta" / "checkpoint.json").exists()
+    kill_when(start(out, *part), lambda: len(list(out.glob("finetune/s*/*/seed1/result.json"))) >= 1)
+    assert (out / "prime" / "meta" / "checkpoint.json").exists()
+    stdout = smoke(out, *part)
+    assert cells(out, (3, 4), ("hi", "af")) == cells(ref_out, (3, 4), ("hi", "af"))
     assert (out / "table1.md").read_text() in stdout
 
 
@@ -92,7 +99,7 @@ def test_diverged_priming_is_reported_and_the_grid_carries_on(reference, tmp_pat
     shutil.rmtree(out / "finetune" / "s6")
     (out / "prime" / "maml").mkdir()
     (out / "prime" / "maml" / "diverged.json").write_text(json.dumps({"script": "prime.py", "step": 3, "loss": None}))
-    stdout = smoke(out, "--jobs", jobs)
+    stdout = smoke(out, "--jobs", jobs, "--settings", "6", "--model", str(ref_out / "tiny-bert"))
     if jobs == "2":  # exit code 3 per unit: reported, and the other units go on
         assert all(re.search(f"end   s6-{lang} after .*: diverged \\(exit 3\\); carrying on", stdout) for lang in TARGETS)
     rows = table_rows(stdout)
@@ -100,27 +107,26 @@ def test_diverged_priming_is_reported_and_the_grid_carries_on(reference, tmp_pat
     assert rows[:5] + rows[6:] == [r for i, r in enumerate(table_rows((ref_out / "table1.md").read_text())) if i != 5]
 
 
-def test_jobs_2_gives_the_same_table_with_one_log_per_unit(reference, tmp_path):
+def test_jobs_2_gives_the_same_results_with_one_log_per_unit(reference, tmp_path):
     ref_out, _ = reference
-    out = tmp_path / "run"
-    stdout = smoke(out, "--jobs", "2")
-    assert (out / "table1.md").read_text() == (ref_out / "table1.md").read_text()
+    out, part = tmp_path / "run", ("--jobs", "2", "--settings", "2,3,4", "--targets", "hi,af")
+    stdout = smoke(out, *part)
+    assert cells(out, (2, 3, 4), ("hi", "af")) == cells(ref_out, (2, 3, 4), ("hi", "af"))
     assert "2 jobs at a time on CPU, 1 thread(s) each" in stdout or "GPU" in stdout
-    units = [f"prime-{n}" for n in PRIMED] + [f"s{s}-{lang}" for s in range(1, 8) for lang in TARGETS]
+    units = ["prime-meta"] + [f"s{s}-{lang}" for s in (2, 3, 4) for lang in ("hi", "af")]
     assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(f"{u}.log" for u in units)
     lines = stdout.splitlines()
     at = lambda text: next(i for i, line in enumerate(lines) if text in line)
     for unit in units:  # one line when a unit starts, one when it ends
         assert sum(f"start {unit} (slot " in line or re.search(f"end   {unit} after .*: ok$", line) is not None
                    for line in lines) == 2, unit
-    assert max(at(f"end   prime-{n} ") for n in PRIMED) < min(at(f"start s{s}-") for s in range(4, 8))  # dependencies
+    assert at("end   prime-meta ") < min(at(f"start s4-{lang}") for lang in ("hi", "af"))  # dependencies
     assert "s4 hi seed1: test F1" in (out / "logs" / "s4-hi.log").read_text()
     assert "s4 hi seed1: test F1" not in stdout  # the units' own output goes to their logs
-    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
-    rerun = smoke(out, "--jobs", "2")  # everything is done: nothing starts, the same table
-    assert " start " not in rerun and "primed: " in rerun and "every seed done, skipped" in rerun
-    assert {p.name: p.read_text() for p in (out / "logs").iterdir()} == logs
-    assert (out / "table1.md").read_text() == (ref_out / "table1.md").read_text()
+    rerun = smoke(out, *part)  # everything is done: each unit says so and ends; the same numbers
+    assert "primed: " in (out / "logs" / "prime-meta.log").read_text()
+    assert all("all runs done" in (out / "logs" / f"{u}.log").read_text() for u in units[1:])
+    assert cells(out, (2, 3, 4), ("hi", "af")) == cells(ref_out, (2, 3, 4), ("hi", "af")) and "| 4 |" in rerun
 
 
 def test_jobs_2_a_failing_unit_stops_the_grid_and_names_its_log(reference, tmp_path):
@@ -128,18 +134,28 @@ def test_jobs_2_a_failing_unit_stops_the_grid_and_names_its_log(reference, tmp_p
     out = tmp_path / "run"
     shutil.copytree(ref_out, out)
     (out / "table1.md").unlink()
-    os.remove(out / "prime" / "meta" / "model.safetensors")  # s4 units cannot load their primed checkpoint
-    shutil.rmtree(out / "finetune" / "s4" / "hi")
-    shutil.rmtree(out / "finetune" / "s5" / "hi")
+    info = json.loads((out / "prime" / "meta" / "checkpoint.json").read_text())
+    (out / "prime" / "meta" / "checkpoint.json").write_text(json.dumps({**info, "labels": ["O", "B-X"]}))  # s4 cannot use it
+    for s in (4, 5):
+        shutil.rmtree(out / "finetune" / f"s{s}" / "hi")
     # --model: the checkpoints were primed from the reference's tiny BERT (a copy would be refused)
-    run = run_script(out, "--jobs", "2", "--model", str(ref_out / "tiny-bert"))
-    assert run.returncode not in (0, 3)
-    assert re.search("end   s4-hi after .*: FAILED \\(exit [0-9]+\\): .*model.safetensors", run.stdout), run.stdout
+    run = run_script(out, "--jobs", "2", "--settings", "4,5", "--targets", "hi", "--model", str(ref_out / "tiny-bert"))
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert re.search("end   s4-hi after .*: FAILED \\(exit 2\\): finetune.py: error: .*prime/meta was made for labels O B-X",
+                     run.stdout), run.stdout
     message = run.stderr.strip().splitlines()[-1]
     assert "1 unit(s) failed: s4-hi" in message and str(out / "logs" / "s4-hi.log") in message, run.stderr
     assert re.search("end   s5-hi after .*: ok", run.stdout)  # started with s4-hi: allowed to finish
     assert (out / "finetune" / "s5" / "hi" / "seed1" / "result.json").exists()
     assert not (out / "table1.md").exists()
+
+
+def test_another_priming_seed_into_an_existing_out_is_refused(reference):
+    """Issue L4: --prime-seed 2 into the OUT of priming seed 1 must not reuse seed 1's checkpoints and results."""
+    ref_out, _ = reference
+    run = run_script(ref_out, "--prime-seed", "2", "--settings", "4")
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "holds a priming made with other settings (--seed: 1 -> 2)" in run.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("value", ["0", "x"])
@@ -153,16 +169,15 @@ def test_invalid_jobs_is_one_line_and_exit_2(tmp_path, value):
 
 @pytest.mark.parametrize("method", ["lora", "bitfit"])
 def test_smoke_preset_with_another_pe_method(tmp_path, method):
-    """`run_table1.sh --preset smoke --pe lora|bitfit` end to end: every cell filled, the primed checkpoints and
-    the settings 3-7 runs carry the method, which trains its own parameter count."""
+    """`run_table1.sh --preset smoke --pe lora|bitfit` (settings 3 and 4 on one target): the primed checkpoint and
+    the runs carry the method, which trains its own parameter count, and the default OUT names the method."""
     out = tmp_path / "run"
-    run = subprocess.run(["bash", SCRIPT, "--preset", "smoke", "--pe", method, "--out", str(out)], capture_output=True,
-                         text=True, timeout=900)
+    run = subprocess.run(["bash", SCRIPT, "--preset", "smoke", "--pe", method, "--out", str(out), "--settings", "3,4",
+                          "--targets", "hi"], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = table_rows(run.stdout)
-    assert [r.split(" | ")[1] for r in rows] == NAMES and all(" - " not in r and "diverged" not in r for r in rows)
-    for name in ["meta", "ft", "maml", "one-step"]:
-        assert json.loads((out / "prime" / name / "checkpoint.json").read_text())["pe"]["method"] == method
+    assert [r.split(" | ")[1] for r in rows] == NAMES[2:4] and all(" - " not in r and "diverged" not in r for r in rows)
+    assert json.loads((out / "prime" / "meta" / "checkpoint.json").read_text())["pe"]["method"] == method
     results = [json.loads(p.read_text()) for p in out.glob("finetune/s*/*/seed1/result.json")]
-    assert len(results) == 42 and all(r["pe"]["method"] == method for r in results if r["setting"] >= 3)
-    assert len({r["trainable_params"] for r in results if r["setting"] >= 3}) == 1
+    assert len(results) == 2 and all(r["pe"]["method"] == method for r in results)
+    assert len({r["trainable_params"] for r in results}) == 1

@@ -8,7 +8,7 @@
 # pretrained body's outputs through --feature-cache (computed once per language).
 set -euo pipefail
 M=multilingual-e5-small D=${1:-../shared/wikiann} O=${O:-results/grid-e5}
-S=(--train-size 1000 --dev-size 500 --test-size 1000 --lang hi az et --seed 1)
+S=(--train-size 1000 --dev-size 500 --test-size 1000 --lang hi az et --seed 1 --word-position first)  # the mini preset's rule
 for lr in 1e-4 3e-4 1e-3; do for ep in 2 4; do   # 1: full fine-tuning
   python finetune.py --setting 1 --model $M --data-dir $D "${S[@]}" --lr $lr --epochs $ep --out $O/s1-lr$lr-ep$ep
 done; done

@@ -7,9 +7,9 @@
 set -euo pipefail
 OUT=${1:-runs/variants} SEEDS=${2:-1 2 3}
 D=../shared/wikiann M=multilingual-e5-small
-PRIME=(--model $M --data-dir $D --sources en es --train-size 4000 --epochs 1 --save-every 10 --resume)
+PRIME=(--model $M --data-dir $D --sources en es --train-size 4000 --epochs 1 --save-every 10 --resume --word-position first)
 FT=(--model $M --data-dir $D --lang hi af az lt et nl --seed 1 2 3 --train-size 1000 --dev-size 500 --test-size 1000
-    --epochs 40 --lr 3e-3 --cache-body --allow-any-priming)
+    --epochs 40 --lr 3e-3 --cache-body --allow-any-priming --word-position first)  # the rule before issue N
 declare -A VARIANTS=(
   [fresh-head]="--inner-head fresh"                        # each task's inner loop starts from a new random head
   [adamw]="--inner-optimizer adamw --inner-lr 3e-3"        # AdamW from a zero state, at adapter tuning's lr
