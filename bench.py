@@ -18,6 +18,8 @@
    gradients for that method's parameters only (issue F).
 5. Inner-loop variants against the paper's S=5 SGD step: S=50, AdamW with a fresh head, second order,
    Reptile (issue G). Run: python bench.py --parts 4,5 --repeats 3
+6. fp32 against bf16 autocast, side by side (issue I): body forward, forward+backward, meta-step, full fine-tuning
+   step, adapter step on cached outputs. Run: python bench.py --parts 6 --model multilingual-e5-small
 Each time is the min and median of --repeats runs.
 """
 import argparse
@@ -36,7 +38,8 @@ import pe
 import meta
 import prime
 from data import LABELS, add_data_args, collate, encode, load_split, meta_batches
-from model import PACKAGED_MINILM, group_of, in_groups, load_tagger, named_group_params, precision, set_trainable, tagging_loss
+from model import (PACKAGED_MINILM, body_output, group_of, in_groups, load_tagger, named_group_params, portable, precision,
+                   set_trainable, tagging_loss)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -149,8 +152,8 @@ def profile(model, metas, pad, inner, args):
         batch = collate(support, pad, args.device)
         with precision(args.device, args.bf16):
             parts["deepcopy of the model"].append(timed(lambda: copy.deepcopy(model), args.device))
-            parts["body forward, no grad"].append(timed(lambda: model.body_output(model, batch, True), args.device))
-            h = model.body_output(model, batch, True)
+            parts["body forward, no grad"].append(timed(lambda: body_output(model, batch, True), args.device))
+            h = body_output(model, batch, True)
             model.zero_grad(set_to_none=True)
             parts["forward+backward, all parameters"].append(timed(lambda: tagging_loss(
                 model(batch["input_ids"], batch["attention_mask"]), batch["labels"]).backward(), args.device))
@@ -282,6 +285,68 @@ def bench_variants(args, model, tokenizer):
     return {"s50_over_s5": s50, "second_over_first": second}
 
 
+def bench_precision(args):
+    """Issue I: fp32 against bf16 autocast (--bf16) on this device, side by side in one process on the same batches:
+    the frozen body's forward (a no-grad pass of 128 sentences, as word_features runs it), a forward+backward of the
+    whole model (32 sentences), one meta-step (Algorithm 1, 2 tasks), one full fine-tuning step (fwd+bwd+AdamW), and one
+    adapter+head step on cached body outputs (which finetune.py keeps in fp32)."""
+    print(f"6. fp32 vs bf16 autocast, {args.device}: median ms and bf16 / fp32")
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_tagger(args.model, LABELS, 64)
+    model.to(args.device).train()
+    pad = tokenizer.pad_token_id
+    metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:args.repeats + 1]
+    big = [collate([ex for s, q in tasks for ex in s + q], pad, args.device) for tasks in metas]  # 128 sentences
+    small = [collate(tasks[0][0], pad, args.device) for tasks in metas]  # 32
+    inner = list(named_group_params(model, meta.INNER_GROUPS["pe"]))
+    set_trainable(model, ("body", "pe", "head"))
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def full_ft_step(batch, amp):
+        adamw.zero_grad(set_to_none=True)
+        with amp():
+            logits = model(batch["input_ids"], batch["attention_mask"])
+        tagging_loss(logits, batch["labels"]).backward()
+        adamw.step()
+
+    def fwd_bwd(batch, amp):
+        model.zero_grad(set_to_none=True)
+        with amp():
+            logits = model(batch["input_ids"], batch["attention_mask"])
+        tagging_loss(logits, batch["labels"]).backward()
+
+    def body_pass(batch, amp):
+        with amp():
+            body_output(model, batch, dropout=False)
+
+    def adapter_step(batch, amp, h):
+        with amp():
+            meta.fast_adapt(model, batch, inner, 1, 0.03, h)
+
+    cached = [body_output(model, b, dropout=False) for b in small]
+    runs = {"body forward, no grad, 128 sentences": lambda k, amp: body_pass(big[k], amp),
+            "forward+backward, 32 sentences": lambda k, amp: fwd_bwd(small[k], amp),
+            "meta-step, 2 tasks x (32 + 32)": lambda k, amp: meta.meta_gradients(
+                model, metas[k], pad, inner, args.inner_steps, 0.03, args.device, amp=amp),
+            "full fine-tuning step (fwd+bwd+AdamW), 32": lambda k, amp: full_ft_step(small[k], amp),
+            "adapter+head step on cached body output": lambda k, amp: adapter_step(small[k], amp, cached[k])}
+    amps = {"fp32": lambda: precision(args.device, False), "bf16": lambda: precision(args.device, True)}
+    out = {}
+    for name, run in runs.items():
+        times = {p: [] for p in amps}
+        for k in range(len(metas)):
+            for p, amp in amps.items():
+                model.zero_grad(set_to_none=True)
+                t = timed(lambda: run(k, amp), args.device)
+                if k:
+                    times[p].append(t)
+        r = ratio(times["bf16"], times["fp32"])
+        print(f"  {name:46s} fp32 {statistics.median(times['fp32']) * 1000:8.1f} ms   bf16 "
+              f"{statistics.median(times['bf16']) * 1000:8.1f} ms   {r:5.2f}x")
+        out[f"bf16_over_fp32: {name}"] = r
+    return out
+
+
 def memory_child(args, which):
     """Run in a fresh process: one warm-up step, then the measured step. Prints JSON."""
     torch.manual_seed(0)
@@ -350,7 +415,8 @@ def main():
     p.add_argument("--sentences", type=int, default=1000, help="source sentences per language to draw tasks from")
     p.add_argument("--ft-lang", default="nl")
     p.add_argument("--ft-sentences", type=int, default=500)
-    p.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (4: PE methods, 5: inner-loop variants)")
+    p.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (4: PE methods, 5: inner-loop variants, "
+                                                          "6: fp32 vs bf16)")
     p.add_argument("--memory-child", choices=["priming", "fine-tuning"], help=argparse.SUPPRESS)
     add_data_args(p)
     args = p.parse_args()
@@ -359,7 +425,7 @@ def main():
     if args.memory_child:
         return memory_child(args, args.memory_child)
     print(f"bench.py: {args.model} on {args.device}{' bf16' if args.bf16 else ''}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, data {'synthetic' if args.synthetic else args.data_dir or 'hub'}")
+          f"{torch.get_num_threads()} threads, data {'synthetic' if args.synthetic else portable(args.data_dir) or 'hub'}")
     parts = args.parts.split(",")
     summary = {}
     if "1" in parts:
@@ -376,6 +442,8 @@ def main():
         torch.manual_seed(0)
         model, tokenizer, _ = load_tagger(args.model, LABELS, 64)
         summary.update(bench_variants(args, model.to(args.device), tokenizer))
+    if "6" in parts:
+        summary.update(bench_precision(args))
     print("summary: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
 
 

@@ -1,6 +1,7 @@
 """Entity-level micro F1 (seqeval, conlleval-compatible, IOB2) and the Table 1 report.
 
     python evaluate.py runs/mini                          # every result.json below -> table1.md/.csv/.png
+    python evaluate.py runs/full                          # + curve.csv/.png when runs/full/curve holds a data-size curve
     python evaluate.py --score runs/mini/finetune/s4/hi/seed1/predictions.conll   # re-score one file
     python evaluate.py --sweep runs/grid                  # one subdirectory per configuration: dev F1 table
     python evaluate.py --spread runs/mini runs/mini-prime2   # the same grid primed with other seeds
@@ -91,11 +92,14 @@ def read_jsonl(path):
     return records
 
 
-def runs(run_dir):
-    """{path: record} of every result.json and finetune diverged.json under run_dir."""
+def runs(run_dir, curve=False):
+    """{path: record} of every result.json and finetune diverged.json under run_dir: those of Table 1, or with
+    `curve` those of the data-size curve (below run_dir/curve/, kept out of Table 1)."""
     found = {}
     for name in ("diverged.json", "result.json"):
         for path in sorted(glob.glob(os.path.join(run_dir, "**", name), recursive=True)):
+            if (os.path.relpath(path, run_dir).split(os.sep)[0] == "curve") != curve:
+                continue
             r = read_json(path)
             if "setting" in r:  # prime.py's diverged.json has no cell
                 found[path] = r
@@ -152,12 +156,103 @@ def cell(values, paper, diverged):
 
 def fmt_cell(c):
     if c is None:
-        return "-"
+        return "not run"
     if c["mean"] is None:
         return "diverged"
     text = f"{c['mean']:.2f}" + (f" ± {c['std']:.2f}" if not math.isnan(c["std"]) else "")
     text += f" ({c['paper']:.2f}, {c['mean'] - c['paper']:+.2f})" if c["paper"] is not None else ""
     return text + (f" [{c['diverged']} diverged]" if c["diverged"] else "")
+
+
+def curve_cells(run_dir):
+    """The data-size curve: {(setting, lang, training sentences): {seed: test F1}} from run_dir/curve/ and the
+    full-size runs of run_dir (settings 2-5 that also have curve runs). One run per key, as in collect."""
+    cells, where = {}, {}
+    for path, r in list(runs(run_dir, curve=True).items()) + list(runs(run_dir).items()):
+        if "test_f1" not in r or "sizes" not in r:
+            continue
+        key = (int(r["setting"]), r["lang"], r["sizes"]["train"], r["seed"])
+        if key in where and where[key] != os.path.dirname(path):
+            raise EvalError(f"two runs of setting {key[0]} {key[1]} on {key[2]} sentences, seed {key[3]}: {where[key]} and "
+                            f"{os.path.dirname(path)}")
+        where[key] = os.path.dirname(path)
+        cells.setdefault(key[:3], {})[key[3]] = r["test_f1"]
+    curved = {(s, lang) for (s, lang, n) in runs_keys(run_dir)}
+    return {k: v for k, v in cells.items() if k[:2] in curved}
+
+
+def runs_keys(run_dir):
+    return {(int(r["setting"]), r["lang"], r["sizes"]["train"]) for r in runs(run_dir, curve=True).values() if "sizes" in r}
+
+
+def curve(run_dir):
+    """Writes run_dir/curve.csv (setting, lang, training sentences, mean, std, seeds; "avg": the targets' average per
+    seed, at each size step, where every target has it) and curve.png: test F1 against training sentences (log scale),
+    one panel per target and one for the average, mean ± std bands over seeds, the paper's full-data mBERT F1 as a
+    marker at the full size. Returns the CSV rows."""
+    cells = curve_cells(run_dir)
+    if not cells:
+        return []
+    settings = sorted({k[0] for k in cells})
+    langs = [l for l in TARGETS if any(k[1] == l for k in cells)] + sorted({k[1] for k in cells} - set(TARGETS))
+    sizes = {lang: sorted({k[2] for k in cells if k[1] == lang}) for lang in langs}
+    rows = []
+    for s in settings:
+        for lang in langs:
+            for n in sizes[lang]:
+                if (s, lang, n) in cells:
+                    c = cell(list(cells[(s, lang, n)].values()), None, 0)
+                    rows.append([s, lang, n, c["mean"], c["std"], c["n"]])
+        steps = min(len(v) for v in sizes.values())
+        for k in range(steps):  # the average over targets of the k-th size (the last: each target's full set)
+            keys = [(s, lang, sizes[lang][k]) for lang in langs]
+            if all(key in cells for key in keys):
+                common = set.intersection(*(set(cells[key]) for key in keys))
+                c = cell([statistics.mean(cells[key][seed] for key in keys) for seed in sorted(common)], None, 0)
+                rows.append([s, "avg", round(statistics.mean(key[2] for key in keys)), c["mean"], c["std"], c["n"]])
+    with open(os.path.join(run_dir, "curve.csv.tmp"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["setting", "lang", "train_sentences", "mean_f1", "std_f1", "n_seeds"])
+        w.writerows([s, lang, n, f"{m:.2f}", "" if math.isnan(sd) else f"{sd:.2f}", k] for s, lang, n, m, sd, k in rows)
+    os.replace(os.path.join(run_dir, "curve.csv.tmp"), os.path.join(run_dir, "curve.csv"))
+    plot_curve(run_dir, rows, settings, langs + ["avg"])
+    return rows
+
+
+def plot_curve(run_dir, rows, settings, panels):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 1.5, 3.4), sharey=True, squeeze=False)
+    for ax, lang in zip(axes[0], panels):
+        for k, s in enumerate(settings):
+            pts = sorted((n, m, 0 if math.isnan(sd) else sd) for s2, l2, n, m, sd, _ in rows if s2 == s and l2 == lang)
+            if not pts:
+                continue
+            color = f"C{k}"
+            xs, ms, sds = zip(*pts)
+            ax.plot(xs, ms, marker="o", ms=3, color=color, label=f"{s} {SETTINGS.get(s, s)}")
+            ax.fill_between(xs, [m - d for m, d in zip(ms, sds)], [m + d for m, d in zip(ms, sds)], color=color, alpha=0.2)
+            paper = PAPER.get(s, {})
+            value = statistics.mean(paper[l] for l in TARGETS) if lang == "avg" else paper.get(lang)
+            if value is not None:
+                ax.scatter([xs[-1]], [value], marker="*", s=70, color=color, edgecolor="black", linewidth=0.5, zorder=3)
+        ax.scatter([], [], marker="*", s=70, color="white", edgecolor="black", label="paper, all data (mBERT)")
+        ax.set_xscale("log")
+        ax.set_title(lang)
+        ax.set_xlabel("training sentences")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("entity F1 (test)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.tight_layout()
+    path = os.path.join(run_dir, "curve.png")
+    fig.savefig(path + ".tmp.png", dpi=110, bbox_inches="tight")
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
 
 
 def write_reports(run_dir, cols, rows):
@@ -386,6 +481,8 @@ def main():
     print(write_reports(args.run_dir, cols, rows))
     png = plot(args.run_dir, cols, rows)
     print(f"wrote {os.path.join(args.run_dir, 'table1.md')}, table1.csv" + (", table1.png" if png else ""))
+    if curve(args.run_dir):
+        print(f"wrote {os.path.join(args.run_dir, 'curve.csv')}, curve.png (the data-size curve)")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, nargs="+", default=[1], help="one run per seed")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-5 full FT, 1e-3 head/adapter)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 5 full FT, 10 head/adapter)")
+    p.add_argument("--min-steps", type=int, default=0,
+                   help="train at least this many optimizer steps: the epochs are raised to reach it, so that a small "
+                        "training set gets as many updates as a large one (the data-size curve; default 0: off)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
@@ -259,13 +262,15 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches, id
     groups = TRAINABLE[args.setting]
     trainable, total = set_trainable(model, groups)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    steps = args.epochs * -(-len(data["train"]) // args.batch_size)
+    per_epoch = -(-len(data["train"]) // args.batch_size)
+    epochs = max(args.epochs, -(-args.min_steps // per_epoch))  # --min-steps raises the epochs of a small training set
+    steps = epochs * per_epoch
     from transformers import get_linear_schedule_with_warmup
     schedule = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
     best, trainable_names = {"f1": -1.0}, {n for n, p in model.named_parameters() if p.requires_grad}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "log.jsonl"), "w") as log:
-        for epoch in range(1, args.epochs + 1):
+        for epoch in range(1, epochs + 1):
             try:
                 train_loss = train_epoch(model, optimizer, schedule, data["train"], args, pad_id, seed * 1000 + epoch,
                                          caches.get("train"), desc=f"s{args.setting} {lang} seed{seed} ep{epoch}")
@@ -296,7 +301,7 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches, id
                            os.path.join(args.init, "peft-body") if args.init else (args.model or DEFAULT_MODEL))
     result = {"setting": args.setting, "setting_name": SETTINGS[args.setting], "lang": lang, "seed": seed,
               "test_f1": test["f1"], "test_precision": test["precision"], "test_recall": test["recall"],
-              "dev_f1": best["f1"], "best_epoch": best["epoch"], "trainable_params": trainable, "total_params": total,
+              "dev_f1": best["f1"], "best_epoch": best["epoch"], "epochs": epochs, "trainable_params": trainable, "total_params": total,
               "trainable_percent": 100 * trainable / total, "pe": model.pe, "base_model": info["base_model"], "init": args.init,
               "sizes": {k: len(v) for k, v in data.items()},
               "unscored_test_words": unscored_words(data["test"]),

@@ -12,6 +12,8 @@
 #                         --jobs N: N units at a time (default 1), logs in OUT/logs/; GPU per slot, else nproc/N threads
 #                         --pe adapter|lora|bitfit: the PE method primed for and tuned in settings 3-7 (default adapter)
 #                         --word-position first|first-content: the sub-word that scores a word (data.py; default: the preset's)
+#                         --precision fp32|bf16: bf16 autocast where the body runs (--bf16 of the scripts; default: the preset's)
+#                         --curve 100,300 (or none): also settings 2-5 on the first N training sentences (full: 100,...,3000)
 # Primed checkpoints and finished runs (result.json) of the same settings are skipped and priming resumes from its
 # last save, so rerunning the same command after an interruption completes the grid; an OUT holding runs made with
 # other settings (seed, variant, PE method, sizes, model) is refused, never reused. OUT defaults to
@@ -20,21 +22,22 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # paths given by the user stay relative to where they run this
 
-PRESET=paper MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS=1,2,3,4,5,6,7 PRIME_SEED=1 JOBS=1 PE=adapter WORD_POSITION=
+PRESET=paper MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS= PRIME_SEED=1 JOBS=1 PE=adapter WORD_POSITION= PRECISION= CURVE=
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || [ "$1" = -h ] || [ "$1" = --help ] || { echo "run_table1.sh: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --preset) PRESET=$2 ;;  --model) MODEL=$2 ;;  --data-dir) DATA_DIR=$2 ;;  --out) OUT=$2 ;;
     --seeds) SEEDS=$2 ;;  --targets) TARGETS=$2 ;;  --sources) SOURCES=$2 ;;
     --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;  --jobs) JOBS=$2 ;;  --pe) PE=$2 ;;
-    --word-position) WORD_POSITION=$2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --word-position) WORD_POSITION=$2 ;;  --precision) PRECISION=$2 ;;  --curve) CURVE=$2 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "run_table1.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift 2
 done
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "run_table1.sh: --jobs needs a positive integer, not '$JOBS'" >&2; exit 2; }
 case "$PE" in adapter|lora|bitfit) ;; *) echo "run_table1.sh: --pe is adapter, lora or bitfit, not '$PE'" >&2; exit 2 ;; esac
+case "$PRECISION" in ''|fp32|bf16) ;; *) echo "run_table1.sh: --precision is fp32 or bf16, not '$PRECISION'" >&2; exit 2 ;; esac
 
 # ---- presets: every size and hyper-parameter that differs from the scripts' paper defaults
 case "$PRESET" in
@@ -60,6 +63,18 @@ case "$PRESET" in
     FT=(--train-size 1000 --dev-size 500 --test-size 1000)
     FULL=(--epochs 6 --lr 3e-4) HEAD=(--epochs 20 --lr 3e-2 --cache-body)
     declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3 --cache-body" [lora]="" [bitfit]="") ;;
+  full)   # multilingual-e5-small on ALL of WikiAnn, on CPU: one priming pass, settings 2-7 on cached body outputs
+    MODEL=${MODEL:-multilingual-e5-small}
+    [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
+    SETTINGS=${SETTINGS:-2,3,4,5,6,7}  # setting 1 costs CPU-hours per target and seed: ask for it (--settings 1 --targets hi)
+    PRIME=(--epochs 1 --save-every 10)  # all 20k en + 20k es sentences once: 312 meta-steps
+    FT=(--dev-size 2000)  # all training and test sentences; the epoch is chosen on the first 2000 dev sentences
+    # recipes: the cheapest within 0.5 of the best average dev F1 on hi az et (results/grid-full); --min-steps 1000 gives
+    # small training sets (the data-size curve) as many updates as large ones
+    FULL=(--epochs 2 --lr 3e-4) HEAD=(__HEAD__ --min-steps 1000 --cache-body)
+    CACHE_ALL=1  # settings 4-7 keep their bodies' outputs too (--feature-cache; the data-size curve reuses them)
+    declare -A PE_RECIPE=([adapter]="__ADAPTER__ --min-steps 1000 --cache-body" [lora]="" [bitfit]="")
+    PRECISION=${PRECISION:-__PRECISION__} CURVE=${CURVE:-100,300,1000,3000} ;;
   smoke)  # tiny random BERT, synthetic data (unless --data-dir), a few steps
     OUT=${OUT:-runs/smoke}
     [ -n "$MODEL" ] || { MODEL=$OUT/tiny-bert; [ -d "$MODEL" ] || python "$HERE/model.py" --make-tiny "$MODEL"; }
@@ -68,12 +83,17 @@ case "$PRESET" in
     FULL=(--epochs 3 --lr 3e-3) HEAD=(--epochs 3 --lr 3e-2 --cache-body)
     declare -A PE_RECIPE=([adapter]="${HEAD[*]}" [lora]="--epochs 2 --lr 1e-2" [bitfit]="--epochs 2 --lr 1e-2")
     SEEDS=${SEEDS:-1} ;;
-  *) echo "run_table1.sh: unknown preset $PRESET (paper, mini, mini-minilm, smoke)" >&2; exit 2 ;;
+  *) echo "run_table1.sh: unknown preset $PRESET (paper, mini, mini-minilm, full, smoke)" >&2; exit 2 ;;
 esac
+[[ "${HEAD[*]} ${PE_RECIPE[adapter]} $PRECISION" != *__* ]] || { echo "run_table1.sh: --preset $PRESET: its recipes are not chosen yet (results/grid-full/grid.sh)" >&2; exit 2; }
 [ -z "$WORD_POSITION" ] || { PRIME+=(--word-position "$WORD_POSITION"); FT+=(--word-position "$WORD_POSITION"); }  # last wins
 read -ra ADAPTER <<< "${PE_RECIPE[$PE]}"  # settings 3-7: the PE method's recipe
 ADAPTER+=(--pe "$PE")
 OUT=${OUT:-runs/$PRESET$([ "$PE" = adapter ] || echo "-$PE")$([ "$PRIME_SEED" = 1 ] || echo "-prime$PRIME_SEED")}
+SETTINGS=${SETTINGS:-1,2,3,4,5,6,7}
+[ "$CURVE" != none ] || CURVE=
+FEATURES=(); [ -z "${CACHE_ALL:-}" ] || FEATURES=(--feature-cache "$OUT/features")
+[ "$PRECISION" != bf16 ] || { PRIME+=(--bf16); FT+=(--bf16); }
 SEEDS=${SEEDS:-1,2,3} TARGETS=${TARGETS:-hi,af,az,lt,et,nl} SOURCES=${SOURCES:-en,es}
 if [ -n "$DATA_DIR" ]; then DATA=(--data-dir "$DATA_DIR")
 elif [ "$PRESET" = smoke ]; then DATA=(--synthetic)
@@ -171,17 +191,18 @@ finetune() {  # finetune SETTING [finetune.py flags]: one unit with every target
   wanted "$1" || return 0
   local s=$1 lang; shift
   if [ "$JOBS" -eq 1 ]; then
-    launch "s$s" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" --lang ${TARGETS//,/ } \
-      --seed ${SEEDS//,/ } "${FT[@]}" --out "$OUT/finetune/s$s" "$@"
+    launch "$UNIT$s" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" --lang ${TARGETS//,/ } \
+      --seed ${SEEDS//,/ } "${FT[@]}" --out "$FT_DIR/s$s" "$@"
     return
   fi
   for lang in ${TARGETS//,/ }; do
-    start_unit "s$s-$lang" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" --lang "$lang" \
-      --seed ${SEEDS//,/ } "${FT[@]}" --out "$OUT/finetune/s$s" "$@"
+    start_unit "$UNIT$s-$lang" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" --lang "$lang" \
+      --seed ${SEEDS//,/ } "${FT[@]}" --out "$FT_DIR/s$s" "$@"
   done
 }
 
 # --jobs N > 1: a first pool runs the primings and settings 1-3, a second one settings 4-7 (they need the primings)
+FT_DIR=$OUT/finetune UNIT=s
 prime 4 meta                         # Algorithm 1
 prime 5 ft --mode ft                 # fine-tuning priming on the same examples
 prime 6 maml --inner-scope all       # MAML loop (the inner loop updates the body too)
@@ -190,10 +211,20 @@ finetune 1 "${FULL[@]}"
 finetune 2 "${HEAD[@]}" --feature-cache "$OUT/features"     # 2 and 3 share the pretrained body's outputs
 finetune 3 "${ADAPTER[@]}" --feature-cache "$OUT/features"
 wait_units
-finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta"
-finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft"
-finetune 6 "${ADAPTER[@]}" --init "$OUT/prime/maml"
-finetune 7 "${ADAPTER[@]}" --init "$OUT/prime/one-step"
+finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta" "${FEATURES[@]}"
+finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft" "${FEATURES[@]}"
+finetune 6 "${ADAPTER[@]}" --init "$OUT/prime/maml" "${FEATURES[@]}"
+finetune 7 "${ADAPTER[@]}" --init "$OUT/prime/one-step" "${FEATURES[@]}"
+# the data-size curve (--curve N1,N2,...): settings 2-5 on the first N training sentences, the same primings, recipes and
+# body outputs (one body pass over a target's data serves every size), in OUT/curve/nN
+FULL_FT=("${FT[@]}")
+for n in ${CURVE//,/ }; do
+  FT=("${FULL_FT[@]}" --train-size "$n") FT_DIR=$OUT/curve/n$n UNIT=n$n-s
+  finetune 2 "${HEAD[@]}" --feature-cache "$OUT/features"
+  finetune 3 "${ADAPTER[@]}" --feature-cache "$OUT/features"
+  finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta" --feature-cache "$OUT/features"
+  finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft" --feature-cache "$OUT/features"
+done
 wait_units
 python "$HERE/evaluate.py" "$OUT"
 echo "run_table1.sh: done in $((SECONDS / 60)) min $((SECONDS % 60)) s"

@@ -70,7 +70,7 @@ def test_table_mean_std_average_and_paper_delta(tmp_path):
     assert ("3", "af") not in rows and ("3", "avg") not in rows  # no result for af: no average either
     md = (tmp_path / "table1.md").read_text()
     assert "| 4 | Meta Priming -> AT | 81.00 ± 1.41 (81.25, -0.25) | 89.00 ± 1.41 (88.23, +0.77) | 85.00 ± 1.41 (84.74, +0.26) | 2 |" in md
-    assert "| 3 | AT | 70.00 (77.76, -7.76) | - | - | 1 |" in md
+    assert "| 3 | AT | 70.00 (77.76, -7.76) | not run | not run | 1 |" in md
     assert md in out.replace("\r", "")
 
 
@@ -147,3 +147,26 @@ def test_compare_and_ablation_tables(tmp_path):
     out = run("--ablation", f"AT={a}:3", f"meta={a},{b}:4")
     assert "| AT | 3 | 100 | 75.00 | - | 75.00 (n=1) | - |" in out
     assert "| meta | 4 | 100 | 85.00 | 83.00 | 84.00 ± 1.41 (n=2) | 3.0 min |" in out
+
+
+def test_data_size_curve_from_hand_made_runs(tmp_path):
+    """OUT/curve/nN holds settings on the first N sentences; the full-size runs are OUT/finetune's. The curve's CSV has
+    mean ± std over seeds per (setting, target, size) and the targets' average per size step; Table 1 ignores the curve."""
+    def put(where, setting, lang, seed, n, f1):
+        d = tmp_path.joinpath(*where, f"s{setting}", lang, f"seed{seed}")
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"setting": setting, "lang": lang, "seed": seed, "test_f1": f1,
+                                                   "sizes": {"train": n, "validation": 10, "test": 10}}))
+    for seed, bump in ((1, 0.0), (2, 2.0)):
+        for lang, full in (("hi", 5000), ("af", 6000)):
+            put(("finetune",), 3, lang, seed, full, 80.0 + bump)
+            put(("curve", "n100", "finetune"), 3, lang, seed, 100, 40.0 + bump + (lang == "af") * 10)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "| 3 | AT | 81.00 ± 1.41 (77.76, +3.24) | 81.00 ± 1.41 (84.10, -3.10) |" in r.stdout  # no curve run in Table 1
+    rows = list(csv.DictReader(open(tmp_path / "curve.csv")))
+    got = {(row["lang"], row["train_sentences"]): (row["mean_f1"], row["std_f1"], row["n_seeds"]) for row in rows}
+    assert got == {("hi", "100"): ("41.00", "1.41", "2"), ("hi", "5000"): ("81.00", "1.41", "2"),
+                   ("af", "100"): ("51.00", "1.41", "2"), ("af", "6000"): ("81.00", "1.41", "2"),
+                   ("avg", "100"): ("46.00", "1.41", "2"), ("avg", "5500"): ("81.00", "1.41", "2")}
+    assert (tmp_path / "curve.png").stat().st_size > 10000

@@ -231,6 +231,37 @@ def test_feature_cache_is_shared_by_runs_on_the_same_body(tiny_dir, primed_dirs,
     assert (a["test_f1"], a["dev_f1"], a["best_epoch"]) == (b["test_f1"], b["dev_f1"], b["best_epoch"])
 
 
+def test_a_training_size_subset_from_the_shared_cache_equals_its_own_run(tiny_dir, tmp_path):
+    """Issue I: one body pass over a split serves every training size. A run on the first 25 sentences that takes its
+    features from the cache of the whole split (built by a run on all of it) equals a run that computed its own; and
+    the cache serves no other body, max length or data file (each gets an entry of its own)."""
+    def data_dir(name, retag_first=False):  # 80 / 20 / 20 synthetic sentences as files
+        for split, n in (("train", 80), ("validation", 20), ("test", 20)):
+            sentences = data.load_split("hi", split, synthetic=True, limit=n)
+            if retag_first and split == "train":
+                sentences[0] = (sentences[0][0], ["O"] * len(sentences[0][0]))
+            write_split(str(tmp_path / name / "hi" / f"{split}.tsv"), sentences)
+        return str(tmp_path / name)
+    cache, files = tmp_path / "cache", data_dir("data")
+    base = ["--setting", "3", "--lang", "hi", "--model", tiny_dir, "--epochs", "2", "--batch-size", "8", "--lr", "1e-2",
+            "--cache-body", "--device", "cpu"]
+    run = lambda name, *flags: finetune.main(finetune.parse_args(base + ["--out", str(tmp_path / name), *flags]))
+    run("all", "--data-dir", files, "--feature-cache", str(cache))
+    entries = set(os.listdir(cache))
+    assert len(entries) == 3  # train, validation, test
+    run("shared", "--data-dir", files, "--train-size", "25", "--feature-cache", str(cache))
+    run("own", "--data-dir", files, "--train-size", "25")
+    assert set(os.listdir(cache)) == entries  # served from the cache: no new entry, no second body pass
+    a, b = (json.load(open(tmp_path / name / "hi" / "seed1" / "result.json")) for name in ("shared", "own"))
+    assert a["sizes"]["train"] == 25 and (a["test_f1"], a["dev_f1"], a["best_epoch"]) == (b["test_f1"], b["dev_f1"], b["best_epoch"])
+    assert open(tmp_path / "shared/hi/seed1/log.jsonl").read().split('"elapsed_s"')[0] == \
+        open(tmp_path / "own/hi/seed1/log.jsonl").read().split('"elapsed_s"')[0]
+    run("other-body", "--data-dir", files, "--feature-cache", str(cache), "--model", model.make_tiny_bert(str(tmp_path / "b2"), seed=1))
+    run("other-length", "--data-dir", files, "--feature-cache", str(cache), "--max-len", "32")
+    run("other-data", "--data-dir", data_dir("data2", retag_first=True), "--feature-cache", str(cache))
+    assert len(os.listdir(cache)) == 3 + 3 + 3 + 1  # another body, another length: all new; another train file: train new
+
+
 def test_scripts_start_without_the_heavy_libraries():
     """Start-up (H): `--help` and every process of the grid import our scripts first; they must not pull in seqeval
     (and scikit-learn), datasets, transformers, safetensors or peft, which each path imports where it needs them."""

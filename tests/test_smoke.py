@@ -45,7 +45,7 @@ def test_smoke_preset_prints_seven_rows(reference):
     out, stdout = reference
     rows = table_rows(stdout)
     assert [r.split(" | ")[1] for r in rows] == NAMES
-    assert all(r.count(" | ") == 9 and " - " not in r and "diverged" not in r for r in rows)  # 6 targets + avg, all filled
+    assert all(r.count(" | ") == 9 and "not run" not in r and "diverged" not in r for r in rows)  # 6 targets + avg, all filled
     for setting, name in {4: "meta", 5: "ft", 6: "maml", 7: "one-step"}.items():
         assert not (out / "prime" / name / "resume.pt").exists()
         assert json.loads((out / "prime" / name / "checkpoint.json").read_text())["variant"] == name  # not swapped
@@ -176,8 +176,18 @@ def test_smoke_preset_with_another_pe_method(tmp_path, method):
                           "--targets", "hi"], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = table_rows(run.stdout)
-    assert [r.split(" | ")[1] for r in rows] == NAMES[2:4] and all(" - " not in r and "diverged" not in r for r in rows)
+    assert [r.split(" | ")[1] for r in rows] == NAMES[2:4] and all("not run" not in r and "diverged" not in r for r in rows)
     assert json.loads((out / "prime" / "meta" / "checkpoint.json").read_text())["pe"]["method"] == method
     results = [json.loads(p.read_text()) for p in out.glob("finetune/s*/*/seed1/result.json")]
     assert len(results) == 2 and all(r["pe"]["method"] == method for r in results)
     assert len({r["trainable_params"] for r in results}) == 1
+
+
+def test_gpu_check_runs_and_skips_each_cuda_check_in_one_line(tmp_path):
+    """tools/gpu_check.sh on a machine without a GPU (this one, CI): one "skipped" line per check, exit 0."""
+    run = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), "--out", str(tmp_path / "check")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    names = ["device", "smoke", "bench-fp32", "bench-bf16", "slice", "slice-bf16", "torchrun"]
+    assert lines == [f"gpu_check: {n}: skipped (no CUDA GPU here)" for n in names]

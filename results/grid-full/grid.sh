@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The full preset's recipe grid (issue I): head tuning (2) and adapter tuning (3) on hi az et with ALL their training
+# sentences, one seed, the epoch chosen on the first 2000 dev sentences, adapter+head on cached body outputs; learning
+# rate x epochs. Choice: the cheapest within 0.5 of the best average dev F1, as for results/grid-e5.
+#   bash results/grid-full/grid.sh [DATA_DIR]      then: python evaluate.py --sweep results/grid-full
+# PREC=--bf16 runs the body passes in bf16 autocast (the full preset's precision).
+set -euo pipefail
+M=multilingual-e5-small D=${1:-../shared/wikiann} O=${O:-results/grid-full} PREC=${PREC:-}
+S=(--dev-size 2000 --lang hi az et --seed 1 --cache-body --min-steps 1000 --feature-cache runs/features-full $PREC)
+for s in 2 3; do for lr in 1e-3 3e-3 1e-2 3e-2; do for ep in 5 10 20; do
+  python finetune.py --setting $s --model $M --data-dir $D "${S[@]}" --lr $lr --epochs $ep --out $O/s$s-lr$lr-ep$ep
+done; done; done
+python evaluate.py --sweep $O
