@@ -42,6 +42,15 @@ def all_gather(obj):
     return out
 
 
+def gather_stats(stats, summed=False):
+    """Every process's per-task stats of its share of a meta-batch -> the meta-batch's, on every process: each task's in
+    task order (task i was rank i % W's (i // W)-th), or with `summed` (ft priming: one loss per share) their sum."""
+    per_rank = all_gather(stats)
+    if summed:
+        return [{"loss": sum(s[0]["loss"] for s in per_rank)}]
+    return [per_rank[i % len(per_rank)][i // len(per_rank)] for i in range(sum(map(len, per_rank)))]
+
+
 def sum_gradients(params):
     """Replace the .grad of `params` by its SUM over the processes (one all-reduce of one flat buffer). A process
     with no gradient for a parameter (no task in this meta-batch) contributes zeros."""

@@ -33,7 +33,7 @@ from data import LABELS, DataError, add_data_args, batch_indices, batches, colla
 from evaluate import SETTINGS, entity_scores
 from model import (Diverged, ModelError, add_runtime_args, body_fingerprint, body_output, decay_unused_rows, in_groups,
                    is_checkpoint, keep_used_rows, load_tagger, named_group_params, portable, precision, priming_identity, read_json,
-                   restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions, write_json, atomic_write, differences)
+                   restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions, write_json, atomic_write, check_same)
 
 ALIASES = {"full": 1, "ht": 2, "head": 2, "at": 3, "adapter": 3, "meta": 4, "ft-priming": 5, "maml": 6, "one-step": 7}
 TRAINABLE = {1: ("body", "head"), 2: ("head",), **{s: ("pe", "head") for s in range(3, 8)}}  # "pe": the --pe method's
@@ -82,6 +82,11 @@ def parse_args(argv=None):
     p.add_argument("--vocab-rows", choices=["used", "all"], default="used",
                    help="setting 1: train only the word-embedding rows of ids in the language's data (exact, faster with a "
                         "large vocabulary; model.UsedRows), or all")
+    p.add_argument("--cache-whole-split", action="store_true",
+                   help="with --feature-cache and --train-size N: keep the body's outputs for the WHOLE training split "
+                        "and train on its first N, so that one body pass serves every training size (the data-size "
+                        "curve): the same numbers as a pass over the N alone in our checks (tiny BERT; multilingual-"
+                        "e5-small, hi), though the outputs come from other batches")
     p.add_argument("--cache-body", action="store_true",
                    help="settings 2-7: run the frozen body once, in eval mode (no dropout in the body), and train "
                         "adapter+head on its cached outputs for every epoch and seed")
@@ -89,6 +94,9 @@ def parse_args(argv=None):
     add_data_args(p)
     add_runtime_args(p)
     args = p.parse_args(argv)
+    if args.cache_whole_split and not (args.feature_cache and args.cache_body):
+        p.error("--cache-whole-split keeps the training split's body outputs in --feature-cache: it needs --feature-cache "
+                "and --cache-body")
     recipe = RECIPES["full" if args.setting == 1 else "pe"]
     args.lr = args.lr if args.lr is not None else recipe["lr"]
     args.epochs = args.epochs if args.epochs is not None else recipe["epochs"]
@@ -147,10 +155,10 @@ FEATURE_CACHE_VERSION = 2  # bump when word_features changes what it computes: o
 
 def stored_word_features(model, examples, args, pad_id, body_key, full=None):
     """word_features, kept in --feature-cache DIR: another process with the same frozen body (settings 2 and 3
-    share the pretrained one; a grid shares it across recipes, seeds and training sizes) loads them instead of
-    running the body again. An entry is keyed by a hash of the whole body's weights (`body_key`), --max-len,
-    --bf16 and the token ids and labels of `full`, the whole split that `examples` is a prefix of (a run on the
-    first N sentences takes the first N entries: one body pass serves every size), and records that key, so a
+    share the pretrained one; a grid shares it across recipes and seeds) loads them instead of running the body
+    again. An entry is keyed by a hash of the whole body's weights (`body_key`), --max-len, --bf16 and the token ids
+    and labels of `full`: the examples themselves, or (--cache-whole-split) the whole split that they are a prefix of
+    (a run on the first N sentences takes the first N entries: one body pass serves every size), and records that key, so a
     different body, length, precision or data file is never served. A damaged entry is recomputed; writes are
     atomic under unique temporary names, so units computing the same entry at once do not collide."""
     if not args.feature_cache:
@@ -361,11 +369,8 @@ def is_done(run, args, identity):
                 os.remove(path)
                 return False
             return True
-        recorded = record.get("identity") or run_identity(args, {**record.get("config", {}), "init": args.init})
-        if recorded != identity:
-            changed = differences(recorded, identity)
-            raise ModelError(f"{run} holds a run made with other settings ({'; '.join(changed[:4])}"
-                             f"{'; ...' if len(changed) > 4 else ''}); use another --out, or delete it to redo it")
+        check_same(run, "run", record.get("identity") or run_identity(args, {**record.get("config", {}), "init": args.init}),
+                   identity)
         return True
     return False
 
@@ -403,8 +408,9 @@ def main(args):
     for lang, seeds in runs.items():
         if not seeds:
             continue
-        # tokenized once for all seeds; with a feature cache, the whole split (its entry serves every size)
-        full = {split: encode(load_split(lang, split, args.data_dir, args.synthetic, None if args.feature_cache else n),
+        # tokenized once for all seeds; --cache-whole-split: the whole training split (its cache entry serves every size)
+        whole = lambda split: args.cache_whole_split and args.feature_cache and split == "train"
+        full = {split: encode(load_split(lang, split, args.data_dir, args.synthetic, None if whole(split) else n),
                               tokenizer, args.max_len, args.word_position) for split, n in sizes.items()}
         data = {split: examples[:sizes[split]] if sizes[split] else examples for split, examples in full.items()}
         for split, examples in data.items():

@@ -422,11 +422,15 @@ def priming_identity(info):
     return json.loads(json.dumps({"variant": info.get("variant"), **priming}, default=str))  # as recorded in JSON
 
 
-def differences(old, new):
-    """'--flag: old -> new' for each key whose value differs ("not recorded" where one side lacks it)."""
+def check_same(where, what, recorded, identity):
+    """Refuse (ModelError, one line naming the differing flags, '--flag: old -> new') when `where` holds a `what`
+    made with other settings than `identity`."""
     missing = "(not recorded)"
-    return [f"--{k.replace('_', '-')}: {old.get(k, missing)} -> {new.get(k, missing)}"
-            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+    changed = [f"--{k.replace('_', '-')}: {recorded.get(k, missing)} -> {identity.get(k, missing)}"
+               for k in sorted(set(recorded) | set(identity)) if recorded.get(k, missing) != identity.get(k, missing)]
+    if changed:
+        raise ModelError(f"{where} holds a {what} made with other settings ({'; '.join(changed[:4])}"
+                         f"{'; ...' if len(changed) > 4 else ''}); use another --out, or delete it to redo it")
 
 
 # ----------------------------------------------------------------------------- tiny model

@@ -1,28 +1,20 @@
-"""Priming (Algorithm 1 of Gheini, Ma & May): first-order MAML whose inner loop simulates
-parameter-efficient fine-tuning, so the body+adapter learn to be a good start for adapter tuning.
+"""Priming (Algorithm 1 of Gheini, Ma & May): first-order MAML whose inner loop simulates parameter-efficient
+fine-tuning. This is the script around meta.py, where Algorithm 1 and its variants read top to bottom: flags, the outer
+AdamW step (gradients summed over the meta-batch's tasks, linear schedule, the head set to the FIRST task's adapted
+head; fine-tuning re-initialises it anyway), resume and torchrun.
 
     python prime.py --out runs/prime/meta                          # setting 4 (mBERT, hub WikiAnn, en+es)
     python prime.py --inner-scope all --out runs/prime/maml        # setting 6: the inner loop updates the body too
     python prime.py --inner-steps 1 --out runs/prime/one-step      # setting 7
     python prime.py --mode ft --out runs/prime/ft                  # setting 5: plain fine-tuning, same examples
     python prime.py --model multilingual-e5-small --data-dir ../shared/wikiann --train-size 1000 --out runs/p
-    python prime.py --pe lora --out runs/prime/meta-lora           # priming for LoRA (or --pe bitfit), not the adapter
-    python prime.py --inner-head fresh --inner-optimizer adamw --inner-lr 3e-3 --inner-steps 50 --out runs/prime/faithful
-    python prime.py --meta-grad second --out runs/prime/second     # exact MAML through the adapter+head inner loop
-    python prime.py --mode reptile --out runs/prime/reptile        # Reptile (PE analogue; --inner-scope all: plain)
+    python prime.py --pe lora --meta-grad second --out runs/p2     # LoRA (or bitfit), exact MAML; --mode reptile, ...
 
-The script around meta.py (where Algorithm 1 and its variants read top to bottom): flags, the outer AdamW step
-(gradients summed over the meta-batch's tasks, linear schedule, the head set to the FIRST task's adapted head),
-resume and torchrun. The head is re-initialised at fine-tuning anyway.
-
-Writes OUT/{model.safetensors, checkpoint.json, tokenizer files} (body+adapter+head), OUT/config.json
-and OUT/log.jsonl (one line per meta-step); OUT/resume.pt every --save-every steps, from which --resume
-continues exactly. A NaN/inf loss stops the run with exit code 3 and OUT/diverged.json. An OUT that holds this
-priming already is left as it is; one made with other settings is refused (never reused, never overwritten).
-
-Several processes: `torchrun --nproc_per_node N prime.py ...` splits each meta-batch over the processes (rank r
-takes tasks r, r+N, ...; ft mode: sentences r, r+N, ... of the union), sums their gradients before the one AdamW
-step and gives every process rank 0's head (the first task's); only rank 0 writes files (dist.py, README).
+Writes OUT/{model.safetensors, checkpoint.json, tokenizer files} (body+PE+head), OUT/config.json and OUT/log.jsonl
+(one line per meta-step); OUT/resume.pt every --save-every steps, from which --resume continues exactly. A NaN/inf
+loss stops with exit code 3 and OUT/diverged.json. An OUT holding this priming is left as it is; one made with
+other settings is refused. `torchrun --nproc_per_node N prime.py ...`: rank r takes tasks r, r+N, ... (ft: sentences),
+the gradients are summed before the one AdamW step, rank 0's head (the first task's) is broadcast, rank 0 writes.
 """
 import argparse
 import itertools
@@ -39,7 +31,7 @@ import dist
 import pe
 from data import LABELS, DataError, add_data_args, encode, load_split, meta_batches, steps_per_epoch
 from meta import INNER_GROUPS, INNER_LOOPS, SUPPORT_PASSES, fast_adapt_second_order, ft_gradients, meta_gradients, reptile_gradients
-from model import (Diverged, ModelError, add_runtime_args, atomic_write, decay_unused_rows, differences, keep_used_rows, load_tagger,
+from model import (Diverged, ModelError, add_runtime_args, atomic_write, check_same, decay_unused_rows, keep_used_rows, load_tagger,
                    named_group_params, portable, precision, priming_identity, read_json, restore_vocab, safetensors_complete,
                    save_checkpoint, versions, write_json)
 
@@ -89,7 +81,8 @@ def parse_args(argv=None):
     add_runtime_args(p)
     args = p.parse_args(argv)
     if args.mode == "ft":  # no inner loop: its flags would be ignored, so they are refused
-        inner = [f"--{k.replace('_', '-')}" for k in INNER_FLAGS if getattr(args, k) != p.get_default(k)]
+        inner = [f"--{k.replace('_', '-')}" for k in ALGORITHM_FLAGS[1:] + ("inner_lr", "support_pass")
+                 if getattr(args, k) != p.get_default(k)]
         if inner:
             p.error(f"--mode ft has no inner loop; {' '.join(inner)} do(es) not apply")
         return args
@@ -106,17 +99,7 @@ def parse_args(argv=None):
     return args
 
 
-INNER_FLAGS = ("inner_scope", "inner_steps", "inner_lr", "inner_optimizer", "inner_head", "support_batches", "meta_grad",
-               "support_pass")
 
-
-def gather_stats(stats, mode):
-    """Every process's stats of its share -> the meta-batch's: each task's in task order (task i was rank
-    i % W's (i // W)-th), or in ft mode the one loss, summed over the shares. On every process."""
-    per_rank = dist.all_gather(stats)
-    if mode == "ft":
-        return [{"loss": sum(s[0]["loss"] for s in per_rank)}]
-    return [per_rank[i % len(per_rank)][i // len(per_rank)] for i in range(sum(map(len, per_rank)))]
 
 
 def prime_step(model, optimizer, schedule, tasks, args, pad_id):
@@ -137,7 +120,7 @@ def prime_step(model, optimizer, schedule, tasks, args, pad_id):
         stats = ft_gradients(model, tasks, pad_id, args.device, amp, rank, world)
     if world > 1:
         dist.sum_gradients([p for group in optimizer.param_groups for p in group["params"]])
-        stats = gather_stats(stats, args.mode)
+        stats = dist.gather_stats(stats, summed=args.mode == "ft")
     lr = schedule.get_last_lr()[0]  # the rate of this step (after schedule.step() it would be the next one's)
     optimizer.step()
     decay_unused_rows(model, optimizer)
@@ -208,8 +191,7 @@ def load_state(path, model, optimizer, schedule, args):
             print(f"prime.py: {path} is damaged ({type(e).__name__}); starting this priming over", file=sys.stderr)
         return 0
     rank, world = dist.rank_world()
-    if state.get("world_size", 1) != world:
-        written = state.get("world_size", 1)
+    if (written := state.get("world_size", 1)) != world:
         raise ModelError(f"{path} was written by {written} process(es), not {world}; resume it with "
                          f"{'torchrun --nproc_per_node %d' % written if written > 1 else 'python'} prime.py, or delete it to start over")
     changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if getattr(args, k) != v}
@@ -219,7 +201,7 @@ def load_state(path, model, optimizer, schedule, args):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    rng = state["rng"][rank] if isinstance(state["rng"], list) else {"cpu": state["rng"], "cuda": state.get("cuda_rng")}
+    rng = state["rng"][rank]
     torch.set_rng_state(rng["cpu"].cpu())
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
@@ -247,31 +229,29 @@ def logged_step(line):
 
 
 def existing(args, rank):
-    """What OUT already holds for this priming: True when its checkpoint is complete (nothing to do). A checkpoint,
-    or a diverged.json, made with other settings is refused (one line naming the differences), never reused; the
-    same priming's diverged.json stops here (exit 3, delete it to retry); a damaged checkpoint is primed again."""
+    """True when OUT holds this priming, complete (its resume.pt, if any, is removed). A checkpoint or diverged.json
+    made with other settings is refused (one line naming the differences); this priming's diverged.json stops here
+    (exit 3; delete it to retry); a damaged checkpoint is primed again."""
     identity = priming_identity({"variant": variant(args), "priming": recorded_args(args)})
-    found = lambda name: os.path.isfile(os.path.join(args.out, name))
     for name in ("checkpoint.json", "diverged.json"):
-        if not found(name):
+        path = os.path.join(args.out, name)
+        if not os.path.isfile(path):
             continue
-        record = read_json(os.path.join(args.out, name))
+        record = read_json(path)
         if isinstance(record, dict):
-            recorded = priming_identity(record) if name == "checkpoint.json" else record.get("identity", identity)
-            if recorded != identity:
-                changed = differences(recorded, identity)
-                raise ModelError(f"{args.out} holds a priming made with other settings ({'; '.join(changed[:4])}"
-                                 f"{'; ...' if len(changed) > 4 else ''}); use another --out, or delete it to prime again")
+            check_same(args.out, "priming", priming_identity(record) if name == "checkpoint.json" else
+                       record.get("identity", identity), identity)
             if name == "diverged.json":
-                raise Diverged(f"prime.py: {args.out} diverged earlier (at meta-step {record.get('step')}); "
-                               f"delete {args.out}/diverged.json to retry")
+                raise Diverged(f"prime.py: {args.out} diverged earlier (at meta-step {record.get('step')}); delete {path} to retry")
             if safetensors_complete(os.path.join(args.out, "model.safetensors")):
+                if rank == 0 and os.path.exists(os.path.join(args.out, "resume.pt")):
+                    os.remove(os.path.join(args.out, "resume.pt"))
                 return True
         if rank == 0:
-            print(f"prime.py: {args.out}/{name} or its weights are damaged; priming again", file=sys.stderr)
+            print(f"prime.py: {path} or its weights are damaged; priming again", file=sys.stderr)
         dist.barrier()
         if rank == 0:
-            os.remove(os.path.join(args.out, name))
+            os.remove(path)
     return False
 
 
@@ -280,11 +260,8 @@ def main(args):
     rank, world, args.device = dist.setup(args.device)
     if existing(args, rank):
         if rank == 0:
-            if os.path.exists(os.path.join(args.out, "resume.pt")):
-                os.remove(os.path.join(args.out, "resume.pt"))
             print(f"primed: {args.out} (exists)")
-        dist.teardown()
-        return
+        return dist.teardown()
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model, tokenizer, info = load_tagger(args.model, LABELS, pe_config=pe.from_args(args))
     model.to(args.device)

