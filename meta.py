@@ -52,8 +52,8 @@ def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, su
     steps), "cached-eval" the same without dropout, "plain" re-runs the body at every step (fresh dropout). When the
     inner loop runs through the body (MAML loop, LoRA, BitFit) nothing can be cached: "plain", or "cached-eval" =
     every inner step in eval mode (no dropout in the inner loop); "cached" is refused. None: "cached" where it
-    applies, else "plain" (prime.py's default). inner_head "fresh": each
-    task's inner loop starts from a newly drawn head instead of the carried one."""
+    applies, else "plain" (prime.py's default). inner_head "fresh": each task's inner loop starts from a newly drawn
+    head instead of the carried one."""
     params = dict(model.named_parameters())
     second_order = adapt is fast_adapt_second_order
     features_of, inner_amp = inner_pass(model, inner_names, support_pass, amp, second_order)

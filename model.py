@@ -455,21 +455,17 @@ def make_tiny_bert(path, seed=0, hidden=32, layers=2, heads=2, dropout=0.1):
     return path
 
 
-if __name__ == "__main__":
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--check", metavar="MODEL", help="load MODEL, print parameter counts per setting and PE method")
     g.add_argument("--make-tiny", metavar="DIR", help="write a tiny random BERT + tokenizer to DIR")
     pe.add_args(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.make_tiny:
         print(make_tiny_bert(args.make_tiny))
-        sys.exit(0)
-    try:
-        plain, tokenizer, _ = load_tagger(args.check, labels=["O"] * 7, adapter_dim=0)
-    except ModelError as e:
-        print(f"model.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return
+    plain, tokenizer, _ = load_tagger(args.check, labels=["O"] * 7, adapter_dim=0)
     c = param_counts(plain)
     print(f"{args.check}: body {c['body']:,}  head {c['head']:,}  cuda={torch.cuda.is_available()}")
     for name, n, total in [("full FT", c["body"] + c["head"], c["body"] + c["head"]), ("head tuning", c["head"], c["body"] + c["head"])]:
@@ -479,3 +475,11 @@ if __name__ == "__main__":
         n, total = set_trainable(tagger, ("pe", "head"))
         print(f"  {method + ' tuning':15s} trains {n:>12,} of {total:,} parameters ({100 * n / total:.3g}%): "
               f"{method} {param_counts(tagger)['pe']:,} + head")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ModelError as e:
+        print(f"model.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -47,9 +47,9 @@ def test_new_lora_is_the_identity(tiny_dir):
     assert not torch.equal(lora(batch["input_ids"], batch["attention_mask"]), plain(batch["input_ids"], batch["attention_mask"]))
 
 
-def test_bitfit_trains_exactly_the_bias_count_model_check_prints(tiny_dir):
-    out = subprocess.run([sys.executable, "model.py", "--check", tiny_dir, "--lora-rank", "4"], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
+def test_bitfit_trains_exactly_the_bias_count_model_check_prints(tiny_dir, capsys):
+    model.main(["--check", tiny_dir, "--lora-rank", "4"])
+    out = capsys.readouterr().out
     printed = {m: int(re.search(rf"{m} tuning +trains +([\d,]+) of.*{m} ([\d,]+) \+ head", out).group(2).replace(",", ""))
                for m in pe.METHODS}
     tagger, _ = tagger_with(tiny_dir, "bitfit")
@@ -123,11 +123,12 @@ def test_primed_and_tuned_lora_load_in_peft_with_the_same_logits(tiny_nodrop_dir
 
 
 def test_checkpoint_primed_for_one_method_refuses_another(tiny_nodrop_dir, primed_lora, tmp_path):
-    argv = ["finetune.py", "--setting", "4", "--init", primed_lora, "--lang", "hi", "--synthetic", "--out", str(tmp_path)]
-    for other in ("bitfit", "adapter"):
-        r = subprocess.run([sys.executable, *argv, "--pe", other], capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-        assert f"was primed for PE method 'lora', not for --pe {other}" in r.stderr
+    argv = ["--setting", "4", "--init", primed_lora, "--lang", "hi", "--synthetic", "--out", str(tmp_path)]
+    with pytest.raises(model.ModelError, match="was primed for PE method 'lora', not for --pe adapter"):
+        finetune.main(finetune.parse_args(argv + ["--pe", "adapter"]))
+    r = subprocess.run([sys.executable, "finetune.py", *argv, "--pe", "bitfit"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # the script: one line, exit 2
+    assert "was primed for PE method 'lora', not for --pe bitfit" in r.stderr
 
 
 @pytest.mark.parametrize("method", ["lora", "bitfit"])

@@ -1,10 +1,11 @@
 """run_table1.sh end to end on the smoke preset (tiny random BERT, synthetic data): one whole grid (7 settings x 2
 targets), the reference; then parts of it (--settings, --targets), each checked against the reference's numbers: killed with
 SIGKILL twice and rerun, a diverged MAML priming, --jobs 2 (one log per unit, a rerun redoes nothing, a failing unit
-stops the grid), another priming seed into the same OUT (refused), LoRA and BitFit."""
+stops the grid), another priming seed into the same OUT (refused); --pe, the default preset, the GPU check."""
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,8 @@ import time
 
 import pytest
 
+import finetune
+import prime
 from conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, "run_table1.sh")
@@ -167,23 +170,9 @@ def test_invalid_jobs_is_one_line_and_exit_2(tmp_path, value):
     assert not (tmp_path / "run").exists()
 
 
-def test_smoke_preset_with_lora(tmp_path):
-    """`run_table1.sh --preset smoke --pe lora` (settings 3 and 4 on one target): the primed checkpoint and the runs
-    carry the method, which trains its own parameter count. (BitFit takes the same path, flag for flag: below.)"""
-    out = tmp_path / "run"
-    run = subprocess.run(["bash", SCRIPT, "--preset", "smoke", "--pe", "lora", "--out", str(out), "--settings", "3,4",
-                          "--targets", "hi"], capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = table_rows(run.stdout)
-    assert [r.split(" | ")[1] for r in rows] == NAMES[2:4] and all("not run" not in r and "diverged" not in r for r in rows)
-    assert json.loads((out / "prime" / "meta" / "checkpoint.json").read_text())["pe"]["method"] == "lora"
-    results = [json.loads(p.read_text()) for p in out.glob("finetune/s*/*/seed1/result.json")]
-    assert len(results) == 2 and all(r["pe"]["method"] == "lora" for r in results)
-    assert len({r["trainable_params"] for r in results}) == 1
-
-
 def test_every_pe_method_reaches_every_priming_and_setting(tmp_path):
-    """--pe goes to every priming and to settings 3-7 (with the method's recipe), and names the default OUT."""
+    """--pe goes to every priming and to settings 3-7 (with the method's recipe), and names the default OUT. (That the
+    scripts then prime and tune each method: tests/test_meta.py, tests/test_pe.py.)"""
     for method in ("adapter", "lora", "bitfit"):
         run = subprocess.run(["bash", SCRIPT, "--preset", "smoke", "--pe", method, "--dry-run"], capture_output=True,
                              text=True, timeout=60, cwd=tmp_path)
@@ -192,6 +181,10 @@ def test_every_pe_method_reaches_every_priming_and_setting(tmp_path):
         assert len(commands) == 4 + 7 and all(f"--pe {method}" in c for c in commands if "--setting 1 " not in c and
                                               "--setting 2 " not in c)
         assert f"out=runs/smoke{'' if method == 'adapter' else '-' + method} " in run.stdout
+        for command in commands:  # every command the grid would run parses, flags and recipe included
+            script, *argv = shlex.split(command)[2:]
+            args = {"prime.py": prime.parse_args, "finetune.py": finetune.parse_args}[os.path.basename(script)](argv)
+            assert args.pe == method or getattr(args, "setting", 3) < 3
 
 
 def test_gpu_check_runs_and_skips_each_cuda_check_in_one_line(tmp_path):
