@@ -10,4 +10,7 @@ S=(--dev-size 2000 --lang hi az et --seed 1 --cache-body --min-steps 1000 --feat
 for s in 2 3; do for lr in 1e-3 3e-3 1e-2 3e-2; do for ep in 5 10 20; do
   python finetune.py --setting $s --model $M --data-dir $D "${S[@]}" --lr $lr --epochs $ep --out $O/s$s-lr$lr-ep$ep
 done; done; done
+for c in "2 1e-1 10" "3 3e-3 40" "3 1e-3 40" "3 3e-3 80"; do set -- $c  # extensions: the best configurations sat at the grid's edge
+  python finetune.py --setting $1 --model $M --data-dir $D "${S[@]}" --lr $2 --epochs $3 --out $O/s$1-lr$2-ep$3
+done
 python evaluate.py --sweep $O
