@@ -347,7 +347,7 @@ def run_identity(args, config=None):
     identity = {k: v for k, v in config.items() if k not in RUN_IGNORES and not (k == "model" and config["setting"] >= 4)}
     if config["setting"] >= 4:
         identity.update(init_priming(config["init"]) or {})
-    return identity
+    return json.loads(json.dumps(identity, default=str))  # as it reads back from result.json
 
 
 def is_done(run, args, identity):

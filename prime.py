@@ -49,17 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--inner-optimizer", choices=list(INNER_LOOPS), default="sgd",
                    help="sgd (paper) or adamw (from a zero state per task, as adapter tuning; pair it with its --inner-lr)")
     p.add_argument("--inner-head", choices=["carry", "fresh"], default="carry",
-                   help="carry: the inner loop starts from the head the last meta-step left (paper); fresh: from a newly "
-                        "drawn head per task, as fine-tuning does (the carried head is still set, and unused)")
+                   help="carry: start each task from the head the last meta-step left (paper); fresh: from a new draw")
     p.add_argument("--support-batches", type=int, default=1,
                    help="K: a task's support set is K batches of --support-size, taken in turn by the S steps")
     p.add_argument("--meta-grad", choices=["first", "second"], default="first",
                    help="first: first-order meta-gradient (paper); second: differentiate through the inner loop (SGD only)")
     p.add_argument("--support-pass", choices=SUPPORT_PASSES, default=None,
-                   help="how the inner loop sees the body. Adapter (body outside the inner loop): run it once per task on "
-                        "the support batch (cached, the default: one dropout mask for all S steps; cached-eval: without "
-                        "dropout) or at every step (plain). MAML loop, LoRA, BitFit (the inner loop runs through the body): "
-                        "plain (the default) or cached-eval (no dropout in the inner loop); cached is refused")
+                   help="cached: the body once per task (default with the adapter); plain: at every step (default when the "
+                        "inner loop runs through the body); cached-eval: no dropout there (docs/choices.md)")
     p.add_argument("--lr", type=float, default=5e-5, help="beta, outer AdamW learning rate (paper: 5e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not in the paper)")
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="linear schedule warm-up fraction (not in the paper)")
@@ -71,8 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many meta-steps")
     p.add_argument("--max-len", type=int, default=128, help="max sub-words per sentence")
     p.add_argument("--vocab-rows", choices=["used", "all"], default="used",
-                   help="used: train only the word-embedding rows of ids in the source data, merged back at the end "
-                        "(exact, faster with a large vocabulary; model.UsedRows); all: the whole matrix")
+                   help="used: train only the embedding rows the data uses (exact, faster; model.UsedRows); all: every row")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100, help="write OUT/resume.pt every N meta-steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume.pt if an interrupted run left one")
@@ -92,9 +88,9 @@ def parse_args(argv=None):
         p.error("--inner-steps and --support-batches must be >= 1")
     through_body = args.inner_scope == "all" or args.pe != "adapter"
     if through_body and args.support_pass == "cached":
-        p.error(f"--support-pass cached runs the body once per task, outside the inner loop; with "
-                f"{'--inner-scope all' if args.inner_scope == 'all' else '--pe ' + args.pe} the inner loop runs through the "
-                "body: use plain (the default there) or cached-eval")
+        why = "--inner-scope all" if args.inner_scope == "all" else f"--pe {args.pe}"
+        p.error(f"--support-pass cached runs the body once per task, outside the inner loop; with {why} the inner loop "
+                "runs through the body: use plain or cached-eval")
     args.support_pass = args.support_pass or ("plain" if through_body else "cached")  # recorded resolved
     return args
 

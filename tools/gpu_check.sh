@@ -13,11 +13,12 @@
 # Logs: OUT/<check>.log (OUT defaults to runs/gpu_check). The slice's F1 is only a sanity check with --random-weights.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-DATA_DIR= MODEL=multilingual-e5-small OUT=runs/gpu_check RANDOM_FROM=
+DATA_DIR= MODEL=multilingual-e5-small OUT=runs/gpu_check RANDOM_FROM= DEVICE=cuda
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || { echo "gpu_check.sh: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --data-dir) DATA_DIR=$2 ;;  --model) MODEL=$2 ;;  --out) OUT=$2 ;;  --random-weights) RANDOM_FROM=$2 ;;
+    --device) DEVICE=$2 ;;  # cpu: the same checks on the CPU (slow; to try the script itself)
     *) echo "gpu_check.sh: unknown option $1 (see the top of tools/gpu_check.sh)" >&2; exit 2 ;;
   esac
   shift 2
@@ -31,8 +32,10 @@ say() { echo "gpu_check: $*"; }
 took() { echo "$(( $(date +%s) - $1 )) s"; }
 check() {  # check NAME COMMAND...: run it, log to OUT/NAME.log, one line
   local name=$1 start; start=$(date +%s); shift
-  if "$@" > "$OUT/$name.log" 2>&1; then say "$name: ok in $(took "$start"); $(summary "$name")"
-  else FAILED=1; say "$name: FAILED (exit $?) after $(took "$start"): $(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1 | cut -c1-200)"; fi
+  local rc=0
+  "$@" > "$OUT/$name.log" 2>&1 || rc=$?
+  if [ "$rc" -eq 0 ]; then say "$name: ok in $(took "$start"); $(summary "$name")"
+  else FAILED=1; say "$name: FAILED (exit $rc) after $(took "$start"): $(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1 | cut -c1-200)"; fi
 }
 summary() {  # the check's own numbers, from its outputs
   case $1 in
@@ -57,11 +60,11 @@ EOF
 }
 
 GPUS=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0)
-if [ "$GPUS" -eq 0 ]; then
+if [ "$GPUS" -eq 0 ] && [ "$DEVICE" = cuda ]; then
   for name in device smoke bench-fp32 bench-bf16 slice slice-bf16 torchrun; do say "$name: skipped (no CUDA GPU here)"; done
   exit 0
 fi
-say "device: $(python -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{torch.cuda.device_count()} x {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}')")"
+[ "$DEVICE" != cuda ] || say "device: $(python -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{torch.cuda.device_count()} x {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}')")"
 
 if [ -n "$RANDOM_FROM" ]; then  # a model of that shape with random weights (no weights could travel here)
   MODEL=$OUT/random-model
@@ -74,15 +77,15 @@ AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 EOF
 fi
 
-check smoke bash "$HERE/run_table1.sh" --preset smoke --out "$OUT/smoke"
-BENCH=(--model "$MODEL" --device cuda --parts 1,2,4 --repeats 3)
+check smoke env $([ "$DEVICE" = cuda ] || echo CUDA_VISIBLE_DEVICES=) bash "$HERE/run_table1.sh" --preset smoke --out "$OUT/smoke"
+BENCH=(--model "$MODEL" --device "$DEVICE" --parts 1,2,4 --repeats 3 --ft-lang hi)
 [ -n "$DATA_DIR" ] && BENCH+=(--data-dir "$DATA_DIR") || BENCH+=(--synthetic)
 check bench-fp32 python "$HERE/bench.py" "${BENCH[@]}"
 check bench-bf16 python "$HERE/bench.py" "${BENCH[@]}" --bf16
 if [ -z "$DATA_DIR" ]; then
   say "slice: skipped (no WikiAnn: --data-dir D, or shared/wikiann in the checkout)"
 else
-  SLICE=(--data-dir "$DATA_DIR" --device cuda)
+  SLICE=(--data-dir "$DATA_DIR" --device "$DEVICE")
   slice() {  # the paper preset's defaults, cut to 300 meta-steps and one target; $1: OUT/slice dir, then extra flags
     local dir=$1; shift
     python "$HERE/prime.py" --model "$MODEL" "${SLICE[@]}" --max-steps 300 --out "$dir/prime" "$@" &&
