@@ -123,6 +123,17 @@ def collect(run_dir):
     return cells
 
 
+def late_peaks(run_dir):
+    """One line per setting where most runs had their best dev F1 in their LAST epoch (more epochs would likely
+    help: the recipe is under-trained there), else nothing. Curve runs are left out (their recipes scale by steps)."""
+    last = {}
+    for r in runs(run_dir).values():
+        if r.get("epochs", 1) > 1 and "best_epoch" in r:
+            last.setdefault(int(r["setting"]), []).append(r["best_epoch"] == r["epochs"])
+    return [f"evaluate.py: setting {s}: the best dev epoch was the last one in {sum(v)} of {len(v)} runs: under-trained? "
+            "try more --epochs (docs/usage.md)" for s, v in sorted(last.items()) if 2 * sum(v) > len(v)]
+
+
 def word_positions(run_dir):
     """The --word-position rules of the runs under run_dir (runs made before the flag existed used "first")."""
     return sorted({(r.get("config") or {}).get("word_position", "first") for r in runs(run_dir).values()})
@@ -481,6 +492,8 @@ def main():
     print(write_reports(args.run_dir, cols, rows))
     png = plot(args.run_dir, cols, rows)
     print(f"wrote {os.path.join(args.run_dir, 'table1.md')}, table1.csv" + (", table1.png" if png else ""))
+    for line in late_peaks(args.run_dir):
+        print(line)
     if curve(args.run_dir):
         print(f"wrote {os.path.join(args.run_dir, 'curve.csv')}, curve.png (the data-size curve)")
 

@@ -170,3 +170,16 @@ def test_data_size_curve_from_hand_made_runs(tmp_path):
                    ("af", "100"): ("51.00", "1.41", "2"), ("af", "6000"): ("81.00", "1.41", "2"),
                    ("avg", "100"): ("46.00", "1.41", "2"), ("avg", "5500"): ("81.00", "1.41", "2")}
     assert (tmp_path / "curve.png").stat().st_size > 10000
+
+
+def test_settings_that_peak_in_their_last_epoch_are_named(tmp_path):
+    def run(setting, lang, best, epochs):
+        d = tmp_path / f"s{setting}" / lang
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"setting": setting, "lang": lang, "seed": 1, "test_f1": 50.0,
+                                                   "best_epoch": best, "epochs": epochs}))
+    run(3, "hi", 10, 10), run(3, "af", 10, 10), run(3, "az", 7, 10)  # 2 of 3 at the last epoch: named
+    run(2, "hi", 10, 10), run(2, "af", 4, 10)                        # 1 of 2: not a majority
+    run(1, "hi", 1, 1)                                               # one epoch: nothing to say
+    lines = evaluate.late_peaks(str(tmp_path))
+    assert len(lines) == 1 and "setting 3:" in lines[0] and "2 of 3 runs" in lines[0]
