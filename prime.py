@@ -95,9 +95,6 @@ def parse_args(argv=None):
     return args
 
 
-
-
-
 def prime_step(model, optimizer, schedule, tasks, args, pad_id):
     """One outer step on one meta-batch: Algorithm 1 (mode meta) or plain fine-tuning (mode ft).
     Returns per-task stats and the learning rate this step used.
