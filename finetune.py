@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--test-size", type=int, default=None, help="first N test sentences (all)")
     p.add_argument("--save-model", action="store_true", help="also save the trained groups (safetensors)")
     p.add_argument("--feature-cache", metavar="DIR", default=None,
-                   help="settings 2-7 (frozen body): keep the body's outputs in DIR, keyed by a hash of the body, "
+                   help="settings 2, and 3-7 with the adapter (a frozen body): keep the body's outputs in DIR, keyed by a hash of the body, "
                         "for other runs on the same body and data (e.g. settings 2 and 3, a grid)")
     p.add_argument("--vocab-rows", choices=["used", "all"], default="used",
                    help="setting 1: train only the word-embedding rows of ids in the language's data (exact, faster with a "
@@ -88,12 +88,17 @@ def parse_args(argv=None):
                         "curve): the same numbers as a pass over the N alone in our checks (tiny BERT; multilingual-"
                         "e5-small, hi), though the outputs come from other batches")
     p.add_argument("--cache-body", action="store_true",
-                   help="settings 2-7: run the frozen body once, in eval mode (no dropout in the body), and train "
+                   help="settings 2, and 3-7 with the adapter (a frozen body): run it once, in eval mode (no dropout in the body), and train "
                         "adapter+head on its cached outputs for every epoch and seed")
     pe.add_args(p)  # setting 3 draws this method new; 4-7 take the checkpoint's (its method must be --pe)
     add_data_args(p)
     add_runtime_args(p)
     args = p.parse_args(argv)
+    caching = [flag for flag, on in (("--cache-body", args.cache_body), ("--feature-cache", args.feature_cache),
+                                     ("--cache-whole-split", args.cache_whole_split)) if on]
+    if caching and (args.setting == 1 or (args.setting >= 3 and args.pe != "adapter")):  # the body trains: never frozen
+        p.error(f"{' '.join(caching)} keep(s) a frozen body's outputs, but the body trains in setting {args.setting}"
+                + (f" with --pe {args.pe}" if args.setting > 1 else "") + ": drop the flag(s)")
     if args.cache_whole_split and not (args.feature_cache and args.cache_body):
         p.error("--cache-whole-split keeps the training split's body outputs in --feature-cache: it needs --feature-cache "
                 "and --cache-body")

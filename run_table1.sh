@@ -103,12 +103,15 @@ case "$PRESET" in
   *) echo "run_table1.sh: unknown preset $PRESET (paper, mini, mini-minilm, full, smoke)" >&2; exit 2 ;;
 esac
 [ -z "$WORD_POSITION" ] || { PRIME+=(--word-position "$WORD_POSITION"); FT+=(--word-position "$WORD_POSITION"); }  # last wins
+[ "$PRESET" != full ] || [ "$PE" = adapter ] || { echo "run_table1.sh: --preset full has no $PE recipe (its grid tuned the" \
+  "adapter only; LoRA and BitFit train inside the body, hours per run here): use --preset mini --pe $PE" >&2; exit 2; }
 read -ra ADAPTER <<< "${PE_RECIPE[$PE]}"  # settings 3-7: the PE method's recipe
 ADAPTER+=(--pe "$PE")
 SETTINGS=${SETTINGS:-1,2,3,4,5,6,7}
 [ "$CURVE" != none ] || CURVE=
 CACHE=(--feature-cache "$OUT/features"); [ -z "${WHOLE_SPLIT:-}" ] || CACHE+=(--cache-whole-split)
 FEATURES=(); [ -z "${CACHE_ALL:-}" ] || FEATURES=("${CACHE[@]}")
+PE_CACHE=("${CACHE[@]}"); [ "$PE" = adapter ] || PE_CACHE=() FEATURES=()  # LoRA and BitFit train inside the body: no cache
 [ "$PRECISION" != bf16 ] || { PRIME+=(--bf16); FT+=(--bf16); }
 SEEDS=${SEEDS:-1,2,3} TARGETS=${TARGETS:-hi,af,az,lt,et,nl} SOURCES=${SOURCES:-en,es}
 if [ -n "$DATA_DIR" ]; then DATA=(--data-dir "$DATA_DIR")
@@ -227,7 +230,7 @@ prime 6 maml --inner-scope all       # MAML loop (the inner loop updates the bod
 prime 7 one-step --inner-steps 1     # one inner step
 finetune 1 "${FULL[@]}"
 finetune 2 "${HEAD[@]}" "${CACHE[@]}"     # 2 and 3 share the pretrained body's outputs
-finetune 3 "${ADAPTER[@]}" "${CACHE[@]}"
+finetune 3 "${ADAPTER[@]}" "${PE_CACHE[@]}"
 wait_units
 finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta" "${FEATURES[@]}"
 finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft" "${FEATURES[@]}"
@@ -239,9 +242,9 @@ FULL_FT=("${FT[@]}")
 for n in ${CURVE//,/ }; do
   FT=("${FULL_FT[@]}" --train-size "$n") FT_DIR=$OUT/curve/n$n UNIT=n$n-s
   finetune 2 "${HEAD[@]}" "${CACHE[@]}"
-  finetune 3 "${ADAPTER[@]}" "${CACHE[@]}"
-  finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta" "${CACHE[@]}"
-  finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft" "${CACHE[@]}"
+  finetune 3 "${ADAPTER[@]}" "${PE_CACHE[@]}"
+  finetune 4 "${ADAPTER[@]}" --init "$OUT/prime/meta" "${PE_CACHE[@]}"
+  finetune 5 "${ADAPTER[@]}" --init "$OUT/prime/ft" "${PE_CACHE[@]}"
 done
 wait_units
 [ -n "$DRY" ] && exit 0

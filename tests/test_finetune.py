@@ -276,3 +276,14 @@ def test_scripts_start_without_the_heavy_libraries():
     for script in ("finetune.py", "prime.py", "evaluate.py"):
         r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=root)
         assert r.returncode == 0 and "usage:" in r.stdout
+
+
+@pytest.mark.parametrize("setting, flags", [("1", ["--cache-body"]), ("3", ["--pe", "lora", "--feature-cache", "c"]),
+                                            ("4", ["--pe", "bitfit", "--cache-body"]), ("1", ["--feature-cache", "c"])])
+def test_caching_a_body_that_trains_is_refused_in_one_line(setting, flags, capsys):
+    """The body's outputs can be kept only while it is frozen: full FT, LoRA and BitFit train it, so the cache flags
+    would be ignored there; they are refused instead."""
+    with pytest.raises(SystemExit) as e:
+        finetune.parse_args(["--setting", setting, "--lang", "hi", "--out", "x"] + flags)
+    assert e.value.code == 2 and "the body trains in setting" in capsys.readouterr().err.strip().splitlines()[-1]
+    finetune.parse_args(["--setting", "2", "--lang", "hi", "--out", "x", "--cache-body", "--feature-cache", "c"])  # frozen: fine

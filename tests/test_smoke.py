@@ -187,6 +187,23 @@ def test_every_pe_method_reaches_every_priming_and_setting(tmp_path):
             assert args.pe == method or getattr(args, "setting", 3) < 3
 
 
+@pytest.mark.parametrize("preset", ["mini", "full"])
+def test_every_command_of_the_cpu_presets_parses(tmp_path, preset):
+    """Every command --preset mini/full would run (each PE method) parses; a full-preset LoRA/BitFit grid, which has no
+    recipe, is refused in one line."""
+    for method in ("adapter", "lora", "bitfit"):
+        run = subprocess.run(["bash", SCRIPT, "--preset", preset, "--pe", method, "--dry-run"], capture_output=True,
+                             text=True, timeout=60, cwd=tmp_path)
+        if preset == "full" and method != "adapter":
+            assert run.returncode == 2 and "--preset full has no" in run.stderr.strip().splitlines()[-1]
+            continue
+        assert run.returncode == 0, run.stderr
+        commands = [shlex.split(line)[2:] for line in run.stdout.splitlines() if line.startswith("+ python")]
+        assert len(commands) == {"mini": 4 + 7, "full": 4 + 6 + 4 * 4}[preset]
+        for script, *argv in commands:
+            {"prime.py": prime.parse_args, "finetune.py": finetune.parse_args}[os.path.basename(script)](argv)
+
+
 def test_gpu_check_runs_and_skips_each_cuda_check_in_one_line(tmp_path):
     """tools/gpu_check.sh on a machine without a GPU (this one, CI): one "skipped" line per check, exit 0."""
     run = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), "--out", str(tmp_path / "check")],
