@@ -102,6 +102,8 @@ def parse_args(argv=None):
     if args.cache_whole_split and not (args.feature_cache and args.cache_body):
         p.error("--cache-whole-split keeps the training split's body outputs in --feature-cache: it needs --feature-cache "
                 "and --cache-body")
+    primed = read_json(os.path.join(args.init, "checkpoint.json")) if args.init and args.setting >= 4 else None
+    pe.check_args(p, args, has_pe=args.setting >= 3, primed=(primed or {}).get("pe") if isinstance(primed, dict) else None)
     recipe = RECIPES["full" if args.setting == 1 else "pe"]
     args.lr = args.lr if args.lr is not None else recipe["lr"]
     args.epochs = args.epochs if args.epochs is not None else recipe["epochs"]

@@ -64,6 +64,27 @@ def from_args(args):
     return config(args.pe, args.adapter_dim, args.lora_rank, args.lora_alpha, args.lora_targets)
 
 
+OWN_FLAGS = {"adapter": {"adapter_dim": "dim"}, "lora": {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets"},
+             "bitfit": {}}  # each method's flags and the config keys they set
+
+
+def check_args(parser, args, has_pe=True, primed=None):
+    """Refuse in one line (parser.error) the PE flags that would be ignored: given with a non-default value for
+    another method, for a setting without a PE method (has_pe False), or against the config a primed checkpoint
+    was made with (`primed`: its config dict; the method itself is checked where the checkpoint is loaded)."""
+    flag = lambda dest: "--" + dest.replace("_", "-")
+    given = {d: getattr(args, d) for flags in OWN_FLAGS.values() for d in flags if getattr(args, d) != parser.get_default(d)}
+    if not has_pe and (args.pe != parser.get_default("pe") or given):
+        parser.error(f"{' '.join([flag('pe')] * (args.pe != parser.get_default('pe')) + [flag(d) for d in given])}: "
+                     "this setting has no PE method (settings 3-7 have one)")
+    if other := [flag(d) for d in given if d not in OWN_FLAGS[args.pe]]:
+        parser.error(f"{' '.join(other)} do(es) not apply to --pe {args.pe}")
+    if primed and primed.get("method") == args.pe:
+        key = OWN_FLAGS[args.pe]
+        if wrong := [f"{flag(d)} {v} (primed with {primed.get(key[d])})" for d, v in given.items() if primed.get(key[d]) != v]:
+            parser.error(f"{', '.join(wrong)}: settings 4-7 tune the PE method as it was primed; drop the flag(s)")
+
+
 # ----------------------------------------------------------------------------- LoRA
 def lora_branch(module, inputs, output):
     """Forward hook of a linear layer with LoRA: adds (alpha / r) B A x to its output."""

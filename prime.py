@@ -76,6 +76,7 @@ def parse_args(argv=None):
     add_data_args(p)
     add_runtime_args(p)
     args = p.parse_args(argv)
+    pe.check_args(p, args)
     if args.mode == "ft":  # no inner loop: its flags would be ignored, so they are refused
         inner = [f"--{k.replace('_', '-')}" for k in ALGORITHM_FLAGS[1:] + ("inner_lr", "support_pass")
                  if getattr(args, k) != p.get_default(k)]

@@ -147,3 +147,24 @@ def test_pe_tuning_trains_the_method_from_a_new_start(tiny_dir, tmp_path, method
     moved = {n for n, p in tagger.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {n for n in before if pe.is_pe(n, method)} | {"head.weight", "head.bias"}
     assert result["trainable_params"] == sum(before[n].numel() for n in moved) and result["pe"] == info["pe"]
+
+
+@pytest.mark.parametrize("script, argv, says", [
+    ("prime", ["--pe", "adapter", "--lora-rank", "4"], "--lora-rank do(es) not apply to --pe adapter"),
+    ("prime", ["--pe", "bitfit", "--adapter-dim", "32"], "--adapter-dim do(es) not apply to --pe bitfit"),
+    ("finetune", ["--setting", "3", "--pe", "lora", "--adapter-dim", "32"], "--adapter-dim do(es) not apply to --pe lora"),
+    ("finetune", ["--setting", "1", "--pe", "lora"], "--pe: this setting has no PE method"),
+    ("finetune", ["--setting", "2", "--adapter-dim", "32"], "--adapter-dim: this setting has no PE method"),
+    ("finetune", ["--setting", "4", "--adapter-dim", "32"], "--adapter-dim 32 (primed with 8)"),
+])
+def test_pe_flags_that_would_be_ignored_are_refused_in_one_line(tmp_path, capsys, script, argv, says):
+    """A PE flag is honoured or refused: another method's values, PE values for settings 1-2, and values that differ
+    from those a primed checkpoint was made with (settings 4-7 tune the method as primed)."""
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"pe": {"method": "adapter", "dim": 8}}))
+    parse = {"prime": prime.parse_args, "finetune": finetune.parse_args}[script]
+    common = ["--out", str(tmp_path / "o")] + (["--lang", "hi", "--init", str(tmp_path)] if script == "finetune" else [])
+    with pytest.raises(SystemExit) as e:
+        parse(argv + common)
+    assert e.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
+    if script == "finetune":  # the primed value itself is fine
+        assert parse(["--setting", "4", "--adapter-dim", "8"] + common).adapter_dim == 8
