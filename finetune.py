@@ -102,6 +102,10 @@ def parse_args(argv=None):
     if args.cache_whole_split and not (args.feature_cache and args.cache_body):
         p.error("--cache-whole-split keeps the training split's body outputs in --feature-cache: it needs --feature-cache "
                 "and --cache-body")
+    if args.setting < 4 and args.allow_any_priming:
+        p.error(f"--allow-any-priming is for settings 4-7 (a primed --init); setting {args.setting} is not primed")
+    if args.setting != 1 and args.vocab_rows != p.get_default("vocab_rows"):
+        p.error(f"--vocab-rows is for setting 1, the only one that trains the embeddings (not setting {args.setting})")
     primed = read_json(os.path.join(args.init, "checkpoint.json")) if args.init and args.setting >= 4 else None
     pe.check_args(p, args, has_pe=args.setting >= 3, primed=(primed or {}).get("pe") if isinstance(primed, dict) else None)
     recipe = RECIPES["full" if args.setting == 1 else "pe"]

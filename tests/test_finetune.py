@@ -279,11 +279,14 @@ def test_scripts_start_without_the_heavy_libraries():
 
 
 @pytest.mark.parametrize("setting, flags", [("1", ["--cache-body"]), ("3", ["--pe", "lora", "--feature-cache", "c"]),
-                                            ("4", ["--pe", "bitfit", "--cache-body"]), ("1", ["--feature-cache", "c"])])
-def test_caching_a_body_that_trains_is_refused_in_one_line(setting, flags, capsys):
+                                            ("4", ["--pe", "bitfit", "--cache-body"]), ("1", ["--feature-cache", "c"]),
+                                            ("3", ["--allow-any-priming"]), ("2", ["--vocab-rows", "all"])])
+def test_flags_that_would_not_act_are_refused_in_one_line(setting, flags, capsys):
     """The body's outputs can be kept only while it is frozen: full FT, LoRA and BitFit train it, so the cache flags
-    would be ignored there; they are refused instead."""
+    would be ignored there; they are refused instead. So are --allow-any-priming without a priming and --vocab-rows
+    where the embeddings do not train."""
     with pytest.raises(SystemExit) as e:
         finetune.parse_args(["--setting", setting, "--lang", "hi", "--out", "x"] + flags)
-    assert e.value.code == 2 and "the body trains in setting" in capsys.readouterr().err.strip().splitlines()[-1]
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and flags[-2 if flags[-1] in ("c", "all") else -1] in line and f"setting {setting}" in line
     finetune.parse_args(["--setting", "2", "--lang", "hi", "--out", "x", "--cache-body", "--feature-cache", "c"])  # frozen: fine
