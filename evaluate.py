@@ -34,11 +34,12 @@ PAPER = {s: dict(zip(TARGETS, v)) for s, v in PAPER.items()}
 
 def entity_scores(gold, pred):
     """Micro precision/recall/F1 (in %) over entities; gold and pred are lists of IOB2 tag lists."""
-    from seqeval.metrics import f1_score, precision_score, recall_score  # here: it costs ~1.5 s of imports (scikit-learn)
+    from seqeval.metrics.sequence_labeling import precision_recall_fscore_support  # ~1.5 s of imports (scikit-learn)
     assert len(gold) == len(pred) and all(len(g) == len(p) for g, p in zip(gold, pred)), "length mismatch"
-    kw = {"zero_division": 0}  # no entity predicted (or none in gold): 0, silently
-    return {"precision": 100 * precision_score(gold, pred, **kw), "recall": 100 * recall_score(gold, pred, **kw),
-            "f1": 100 * f1_score(gold, pred, **kw)}
+    # one pass over the entities: what seqeval's precision_score, recall_score and f1_score each compute in full
+    # (a third of the cost of a dev evaluation on cached body outputs); no entity predicted or in gold: 0, silently
+    p, r, f, _ = precision_recall_fscore_support(gold, pred, average="micro", zero_division=0)
+    return {"precision": 100 * p, "recall": 100 * r, "f1": 100 * f}
 
 
 def read_predictions(path):

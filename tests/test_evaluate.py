@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -27,6 +28,20 @@ from conftest import ROOT
 def test_entity_f1_hand_checked(gold, pred, expected):
     s = evaluate.entity_scores(gold, pred)
     assert (s["precision"], s["recall"], s["f1"]) == pytest.approx(expected)
+
+
+def test_entity_scores_equal_seqeval_separate_metrics():
+    """One pass (precision_recall_fscore_support) gives exactly what seqeval's three metric functions give, on random
+    IOB2 sequences, including ones with no entity in gold or in the prediction."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    rng = random.Random(0)
+    tags = ["O", "O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+    for n in range(40):
+        gold = [[rng.choice(tags) for _ in range(rng.randint(1, 9))] for _ in range(rng.randint(1, 30))]
+        pred = [[rng.choice(tags if n % 5 else ["O"]) for _ in g] for g in gold]  # every 5th: nothing predicted
+        s = evaluate.entity_scores(gold, pred)
+        assert s == {"precision": 100 * precision_score(gold, pred, zero_division=0),
+                     "recall": 100 * recall_score(gold, pred, zero_division=0), "f1": 100 * f1_score(gold, pred, zero_division=0)}
 
 
 def test_read_predictions(tmp_path):
