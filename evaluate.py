@@ -238,8 +238,11 @@ def plot_curve(run_dir, rows, settings, panels):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 1.5, 3.4), sharey=True, squeeze=False)
-    for ax, lang in zip(axes[0], panels):
+    cols = min(4, len(panels) + 1)  # rows of 4 panels; the first free slot holds the legend
+    rows_n = -(-(len(panels) + 1) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.0 * cols, 2.9 * rows_n), sharey=True, squeeze=False)
+    axes = axes.ravel()
+    for ax, lang in zip(axes, panels):
         for k, s in enumerate(settings):
             pts = sorted((n, m, 0 if math.isnan(sd) else sd) for s2, l2, n, m, sd, _ in rows if s2 == s and l2 == lang)
             if not pts:
@@ -257,9 +260,12 @@ def plot_curve(run_dir, rows, settings, panels):
         ax.set_title(lang)
         ax.set_xlabel("training sentences")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("entity F1 (test)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    for ax in axes[::cols]:
+        ax.set_ylabel("entity F1 (test)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    axes[len(panels)].legend(handles, labels, fontsize=8, loc="center")
     fig.tight_layout()
     path = os.path.join(run_dir, "curve.png")
     fig.savefig(path + ".tmp.png", dpi=110, bbox_inches="tight")
