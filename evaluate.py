@@ -23,6 +23,7 @@ import sys
 
 SETTINGS = {1: "Full FT", 2: "HT", 3: "AT", 4: "Meta Priming -> AT", 5: "FT Priming -> AT",
             6: "MP [MAML Loop] -> AT", 7: "MP [1 Inner Step] -> AT"}
+PE_NAMES = {"adapter": "AT", "lora": "LoRA", "bitfit": "BitFit"}  # settings 3-7 tune the PE method of --pe
 TARGETS = ["hi", "af", "az", "lt", "et", "nl"]
 PAPER = {  # Table 1 of Gheini, Ma & May: entity-level F1 (mBERT, full WikiAnn data)
     1: [86.73, 91.29, 87.70, 89.43, 90.88, 91.47], 2: [72.71, 79.11, 74.24, 78.34, 81.23, 78.90],
@@ -140,15 +141,38 @@ def word_positions(run_dir):
     return sorted({(r.get("config") or {}).get("word_position", "first") for r in runs(run_dir).values()})
 
 
-def summarize(cells):
+def pe_methods(run_dir):
+    """{setting: PE method} of settings 3-7 under run_dir (runs made before --pe existed tuned the adapter); one
+    method per setting: a directory mixing them is refused."""
+    methods = {}
+    for path, r in runs(run_dir).items():
+        if int(r["setting"]) >= 3:
+            method = (r.get("pe") or {}).get("method", "adapter")
+            if methods.setdefault(int(r["setting"]), method) != method:
+                raise EvalError(f"{run_dir} mixes PE methods in setting {r['setting']} ({methods[int(r['setting'])]} "
+                                f"and {method}, e.g. {path}); tabulate each method's grid on its own")
+    return methods
+
+
+def setting_name(setting, method="adapter"):
+    """Table 1's name of a setting; settings 3-7 with LoRA or BitFit in place of the adapter say so."""
+    name = SETTINGS.get(setting, f"setting {setting}")
+    if setting < 3 or method == "adapter":
+        return name
+    return f"{PE_NAMES[method]} tuning" if setting == 3 else name.replace("-> AT", f"-> {PE_NAMES[method]}")
+
+
+def summarize(cells, methods=None):
     """(columns, rows): rows are (setting, name, {column: cell}) and a cell is a dict with mean, std
-    (NaN for one seed), n (finished seeds), diverged (seeds) and paper (its value, or None). The
+    (NaN for one seed), n (finished seeds), diverged (seeds) and paper (its value, or None: the paper tuned
+    an adapter, so settings 3-7 with another PE method (`methods`: {setting: method}) have none). The
     "avg" column averages the targets within each seed that finished all of them."""
+    methods = methods or {}
     langs = [l for l in TARGETS if any(k[1] == l for k in cells)] + sorted({k[1] for k in cells} - set(TARGETS))
     cols = langs + (["avg"] if len(langs) > 1 else [])
     rows = []
     for s in sorted({k[0] for k in cells}):
-        paper = PAPER.get(s, {})
+        paper = PAPER.get(s, {}) if methods.get(s, "adapter") == "adapter" else {}
         row = {lang: cell([v for v in cells[(s, lang)].values() if v is not None], paper.get(lang),
                           sum(v is None for v in cells[(s, lang)].values())) for lang in langs if (s, lang) in cells}
         if "avg" in cols and len(row) == len(langs):
@@ -156,7 +180,7 @@ def summarize(cells):
             per_seed = [statistics.mean(cells[(s, l)][seed] for l in langs) for seed in sorted(common)]
             paper_avg = None if any(l not in paper for l in langs) else statistics.mean(paper[l] for l in langs)
             row["avg"] = cell(per_seed, paper_avg, sum(c["diverged"] > 0 for c in row.values()))
-        rows.append((s, SETTINGS.get(s, f"setting {s}"), row))
+        rows.append((s, setting_name(s, methods.get(s, "adapter")), row))
     return cols, rows
 
 
@@ -277,7 +301,8 @@ def write_reports(run_dir, cols, rows):
     rules = {"first": "its first sub-word", "first-content": "its first sub-word that is not a bare word-boundary marker"}
     scored = " or ".join(f"{rules.get(r, r)} (--word-position {r})" for r in word_positions(run_dir))
     md = ["Entity-level test F1, mean ± std over fine-tuning seeds (paper value, our delta). "
-          f"A word is scored on {scored}.", "",
+          f"A word is scored on {scored}." + (" The paper tuned an adapter only: rows of another PE method have no paper value."
+                                              if any(name != SETTINGS.get(s) for s, name, _ in rows) else ""), "",
           "| # | setting | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 3) + "|"]
     for s, name, row in rows:
         seeds = max(c["n"] for c in row.values())
@@ -495,7 +520,7 @@ def main():
     if not cells:
         print(f"evaluate.py: error: no result.json under {args.run_dir}", file=sys.stderr)
         sys.exit(2)
-    cols, rows = summarize(cells)
+    cols, rows = summarize(cells, pe_methods(args.run_dir))
     print(write_reports(args.run_dir, cols, rows))
     png = plot(args.run_dir, cols, rows)
     print(f"wrote {os.path.join(args.run_dir, 'table1.md')}, table1.csv" + (", table1.png" if png else ""))

@@ -61,11 +61,12 @@ def test_embedded_paper_table_matches_the_paper_csv():
             assert evaluate.PAPER[s] == {lang: float(row[lang]) for lang in evaluate.TARGETS}
 
 
-def write_result(run_dir, setting, lang, seed, f1, init=None):
+def write_result(run_dir, setting, lang, seed, f1, init=None, pe=None):
     d = os.path.join(run_dir, "finetune", f"s{setting}", lang, f"seed{seed}")
     os.makedirs(d)
     with open(os.path.join(d, "result.json"), "w") as f:
-        json.dump({"setting": setting, "lang": lang, "seed": seed, "test_f1": f1, "trainable_params": 100, "init": init}, f)
+        json.dump({"setting": setting, "lang": lang, "seed": seed, "test_f1": f1, "trainable_params": 100, "init": init,
+                   **({"pe": pe} if pe else {})}, f)
 
 
 def test_table_mean_std_average_and_paper_delta(tmp_path):
@@ -87,6 +88,27 @@ def test_table_mean_std_average_and_paper_delta(tmp_path):
     assert "| 4 | Meta Priming -> AT | 81.00 ± 1.41 (81.25, -0.25) | 89.00 ± 1.41 (88.23, +0.77) | 85.00 ± 1.41 (84.74, +0.26) | 2 |" in md
     assert "| 3 | AT | 70.00 (77.76, -7.76) | not run | not run | 1 |" in md
     assert md in out.replace("\r", "")
+
+
+def test_lora_and_bitfit_rows_are_named_and_have_no_paper_value(tmp_path):
+    """The paper tuned an adapter: settings 3-7 tuned with LoRA or BitFit are named for it and get no paper value;
+    settings 1-2 (no PE method) keep theirs; one directory mixing two methods in a setting is refused."""
+    lora, bitfit = tmp_path / "lora", tmp_path / "bitfit"
+    write_result(str(lora), 2, "hi", 1, 60.0, pe=None)
+    write_result(str(lora), 3, "hi", 1, 70.0, pe={"method": "lora", "rank": 8})
+    write_result(str(lora), 5, "hi", 1, 75.0, pe={"method": "lora", "rank": 8})
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(lora)],
+                         capture_output=True, text=True, check=True).stdout
+    md = (lora / "table1.md").read_text()
+    assert "| 2 | HT | 60.00 (72.71, -12.71) | 1 |" in md
+    assert "| 3 | LoRA tuning | 70.00 | 1 |" in md and "| 5 | FT Priming -> LoRA | 75.00 | 1 |" in md
+    assert "rows of another PE method have no paper value" in md and md in out.replace("\r", "")
+    write_result(str(bitfit), 4, "af", 1, 80.0, pe={"method": "bitfit"})
+    subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(bitfit)], capture_output=True, check=True)
+    assert "| 4 | Meta Priming -> BitFit | 80.00 | 1 |" in (bitfit / "table1.md").read_text()
+    write_result(str(lora), 3, "af", 1, 71.0, pe={"method": "adapter", "dim": 64})  # setting 3: LoRA and adapter
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(lora)], capture_output=True, text=True)
+    assert r.returncode == 2 and "mixes PE methods in setting 3 (adapter and lora" in r.stderr
 
 
 def test_sweep_compares_configurations_by_dev_f1(tmp_path):
