@@ -146,11 +146,10 @@ def pe_methods(run_dir):
     method per setting: a directory mixing them is refused."""
     methods = {}
     for path, r in runs(run_dir).items():
-        if int(r["setting"]) >= 3:
-            method = (r.get("pe") or {}).get("method", "adapter")
-            if methods.setdefault(int(r["setting"]), method) != method:
-                raise EvalError(f"{run_dir} mixes PE methods in setting {r['setting']} ({methods[int(r['setting'])]} "
-                                f"and {method}, e.g. {path}); tabulate each method's grid on its own")
+        setting, method = int(r["setting"]), (r.get("pe") or {}).get("method", "adapter")
+        if setting >= 3 and methods.setdefault(setting, method) != method:
+            raise EvalError(f"{run_dir} mixes PE methods in setting {setting} ({methods[setting]} and {method}, "
+                            f"e.g. {path}); tabulate each method's grid on its own")
     return methods
 
 
