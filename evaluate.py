@@ -441,10 +441,9 @@ def ablation(rows):
           " | across runs | priming time |", "|---" * (width + 5) + "|"]
     for label, setting, dirs in rows:
         cells = [averages(d, setting) for d in dirs]
-        results = [read_json(p) for d in dirs for p in glob.glob(os.path.join(d, "**", "result.json"), recursive=True)]
-        trainable = {r["trainable_params"] for r in results if r["setting"] == setting}
-        inits = {(d, os.path.basename(os.path.normpath(r["init"]))) for d in dirs for r in
-                 (read_json(p) for p in glob.glob(os.path.join(d, "**", "result.json"), recursive=True))
+        results = [(d, read_json(p)) for d in dirs for p in glob.glob(os.path.join(d, "**", "result.json"), recursive=True)]
+        trainable = {r["trainable_params"] for _, r in results if r["setting"] == setting}
+        inits = {(d, os.path.basename(os.path.normpath(r["init"]))) for d, r in results
                  if r["setting"] == setting and r.get("init")}
         configs = [os.path.join(d, "prime", name, "config.json") for d, name in sorted(inits)]
         primings = [t for t in (read_json(p).get("wall_time_s") for p in configs if os.path.isfile(p)) if t]
