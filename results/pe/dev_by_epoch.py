@@ -18,6 +18,7 @@ for run_dir in sys.argv[1:]:
             curves.setdefault(int(r["setting"]), []).append([e["dev"]["f1"] for e in log if "dev" in e])
     means = {s: [statistics.mean(c[k] for c in cs) for k in range(min(map(len, cs)))] for s, cs in sorted(curves.items())}
     print(f"{run_dir}: mean dev F1 after epoch 1, 2, ... (gap to setting 3)")
-    for s, m in means.items():
-        gaps = [f" ({x - y:+.2f})" if s != 3 and 3 in means else "" for x, y in zip(m, means.get(3, m))]
-        print(f"  setting {s}, {len(curves[s])} runs: " + ", ".join(f"{x:.2f}{g}" for x, g in zip(m, gaps)))
+    base = means.get(3, [])
+    for s, m in means.items():  # every epoch of the setting; the gap where setting 3 has that epoch too
+        cells = [f"{x:.2f}" + (f" ({x - base[k]:+.2f})" if s != 3 and k < len(base) else "") for k, x in enumerate(m)]
+        print(f"  setting {s}, {len(curves[s])} runs: " + ", ".join(cells))
