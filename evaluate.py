@@ -304,7 +304,8 @@ def write_reports(run_dir, cols, rows):
                                               if any(name != SETTINGS.get(s) for s, name, _ in rows) else ""), "",
           "| # | setting | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 3) + "|"]
     for s, name, row in rows:
-        seeds = max(c["n"] for c in row.values())
+        ns = sorted({c["n"] for c in row.values()})  # "2-3": a partial grid, whose average uses the seeds all targets have
+        seeds = f"{ns[0]}-{ns[-1]}" if len(ns) > 1 else ns[0]
         md.append(f"| {s} | {name} | " + " | ".join(fmt_cell(row.get(c)) for c in cols) + f" | {seeds} |")
     with open(os.path.join(run_dir, "table1.md.tmp"), "w") as f:
         f.write("\n".join(md) + "\n")

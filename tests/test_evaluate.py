@@ -74,6 +74,9 @@ def test_table_mean_std_average_and_paper_delta(tmp_path):
         write_result(str(tmp_path), 4, "hi", seed, hi)
         write_result(str(tmp_path), 4, "af", seed, af)
     write_result(str(tmp_path), 3, "hi", 1, 70.0)
+    write_result(str(tmp_path), 5, "hi", 1, 60.0)
+    write_result(str(tmp_path), 5, "hi", 2, 62.0)
+    write_result(str(tmp_path), 5, "af", 1, 70.0)  # a partial grid: af's seed 2 not run yet
     out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
     with open(tmp_path / "table1.csv") as f:
@@ -87,6 +90,9 @@ def test_table_mean_std_average_and_paper_delta(tmp_path):
     md = (tmp_path / "table1.md").read_text()
     assert "| 4 | Meta Priming -> AT | 81.00 ± 1.41 (81.25, -0.25) | 89.00 ± 1.41 (88.23, +0.77) | 85.00 ± 1.41 (84.74, +0.26) | 2 |" in md
     assert "| 3 | AT | 70.00 (77.76, -7.76) | not run | not run | 1 |" in md
+    # the average takes seed 1 only, the one both targets have (paper (79.55+87.78)/2 = 83.665, printed 83.66); the
+    # seeds column says the cells differ
+    assert "| 5 | FT Priming -> AT | 61.00 ± 1.41 (79.55, -18.55) | 70.00 (87.78, -17.78) | 65.00 (83.66, -18.66) | 1-2 |" in md
     assert md in out.replace("\r", "")
 
 
