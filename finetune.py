@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import pe
 from data import LABELS, DataError, add_data_args, batch_indices, batches, collate, encode, load_split, unscored_words
-from evaluate import SETTINGS, entity_scores
+from evaluate import SETTINGS, entity_scores, setting_name
 from model import (Diverged, ModelError, add_runtime_args, body_fingerprint, body_output, decay_unused_rows, in_groups,
                    is_checkpoint, keep_used_rows, load_tagger, named_group_params, portable, precision, priming_identity, read_json,
                    restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions, write_json, atomic_write, check_same)
@@ -130,7 +130,7 @@ def build_model(args):
         if primed_as != expected:
             if not args.allow_any_priming:
                 raise ModelError(f"--init {args.init} was primed as {primed_as!r}, but setting {args.setting} "
-                                 f"({SETTINGS[args.setting]}) starts from {expected!r} priming; pass --allow-any-priming to use it anyway")
+                                 f"({setting_name(args.setting, args.pe)}) starts from {expected!r} priming; pass --allow-any-priming to use it anyway")
             print(f"finetune.py: note: setting {args.setting} starts from {primed_as!r} priming (--allow-any-priming)", file=sys.stderr)
         return model, tokenizer, info
     if args.init:

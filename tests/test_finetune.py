@@ -1,6 +1,7 @@
 """The seven settings train exactly their groups; outputs are complete and re-scorable; --init is checked."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 import finetune
 import model
 from evaluate import entity_scores, read_predictions
@@ -110,7 +112,8 @@ def test_primed_settings_refuse_another_variant(setting, tiny_dir, primed_dirs, 
         if variant == finetune.PRIMING[setting]:
             finetune.build_model(finetune.parse_args(argv))
             continue
-        with pytest.raises(model.ModelError, match=f"primed as '{variant}', but setting {setting} .* starts from "
+        with pytest.raises(model.ModelError, match=f"primed as '{variant}', but setting {setting} "
+                           + re.escape(f"({evaluate.SETTINGS[setting]})") + " starts from "
                                                     f"'{finetune.PRIMING[setting]}' priming; pass --allow-any-priming"):
             finetune.build_model(finetune.parse_args(argv))
         assert finetune.build_model(finetune.parse_args(argv + ["--allow-any-priming"]))[2]["variant"] == variant
