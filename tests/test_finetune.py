@@ -12,7 +12,6 @@ import data
 import evaluate
 import finetune
 import model
-from evaluate import entity_scores, read_predictions
 
 SMALL = ["--synthetic", "--train-size", "40", "--dev-size", "20", "--test-size", "20", "--epochs", "1",
          "--batch-size", "8", "--device", "cpu"]
@@ -74,9 +73,9 @@ def test_outputs_rescore_and_rerun_skips(tiny_dir, primed_dirs, tmp_path):
         result = json.load(f)
     assert result["setting"] == 3 and result["lang"] == "hi" and result["seed"] == 2
     assert result["best_epoch"] in (1, 2) and result["sizes"] == {"train": 40, "validation": 20, "test": 20}
-    gold, pred = read_predictions(run / "predictions.conll")
+    gold, pred = evaluate.read_predictions(run / "predictions.conll")
     assert gold == [tags for _, tags in data.load_split("hi", "test", synthetic=True, limit=20)]
-    assert entity_scores(gold, pred)["f1"] == pytest.approx(result["test_f1"])
+    assert evaluate.entity_scores(gold, pred)["f1"] == pytest.approx(result["test_f1"])
     with open(run / "log.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2]
     stamp = os.path.getmtime(run / "result.json")
@@ -144,7 +143,7 @@ def test_sentences_without_a_scorable_word_train_and_score(tiny_dir, tmp_path, c
     finetune.main(finetune.parse_args(argv))
     result = json.load(open(tmp_path / "o" / "hi" / "seed1" / "result.json"))
     assert result["sizes"]["train"] == 46 and result["unscored_test_words"] == 9
-    gold, pred = read_predictions(tmp_path / "o" / "hi" / "seed1" / "predictions.conll")
+    gold, pred = evaluate.read_predictions(tmp_path / "o" / "hi" / "seed1" / "predictions.conll")
     assert len(gold) == 16 and pred[3:9] == [["O", "O"], ["O"]] * 3 and gold[4] == ["B-PER"]
     loss = model.tagging_loss(torch.zeros(2, 3, 7, requires_grad=True), torch.full((2, 3), -100))
     assert loss.item() == 0.0
