@@ -272,11 +272,23 @@ def synthetic_split(lang, split):
     return sentences
 
 
+def positive_int(text):
+    """argparse type of a count (sentences, epochs, batch size, sub-words): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def add_data_args(parser):
     g = parser.add_argument_group("data source (default: the Hugging Face hub)")
-    g.add_argument("--data-dir", default=os.environ.get("WIKIANN_DIR"),
-                   help="local WikiAnn: DIR/<lang>/{train,validation,test}.tsv (env WIKIANN_DIR)")
-    g.add_argument("--synthetic", action="store_true", help="deterministic synthetic NER data (smoke tests)")
+    source = g.add_mutually_exclusive_group()  # one data source: --synthetic with --data-dir is refused
+    source.add_argument("--data-dir", default=os.environ.get("WIKIANN_DIR"),
+                        help="local WikiAnn: DIR/<lang>/{train,validation,test}.tsv (env WIKIANN_DIR)")
+    source.add_argument("--synthetic", action="store_true", help="deterministic synthetic NER data (smoke tests)")
     g.add_argument("--word-position", choices=WORD_POSITIONS, default="first-content",
                    help="the sub-word that labels and classifies a word: its first one that is not a bare word-boundary "
                         "marker (first-content; SentencePiece's lone \u2581), or its first one (first: the rule before "

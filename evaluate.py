@@ -9,8 +9,8 @@
 
 A cell is mean +- sample std (ddof=1) over fine-tuning seeds, with the paper's value and our delta;
 "diverged" where every seed diverged (a diverged.json instead of a result.json), "[k diverged]" where
-some did. The average column averages the targets within each seed, then over seeds; its paper value
-averages the paper's numbers for the same targets.
+k runs did. The average column averages the targets within each seed that finished all of them, then over
+seeds ("-" where no seed did); its paper value averages the paper's numbers for the same targets.
 """
 import argparse
 import csv
@@ -136,9 +136,14 @@ def late_peaks(run_dir):
             "try more --epochs (docs/usage.md)" for s, v in sorted(last.items()) if 2 * sum(v) > len(v)]
 
 
+def run_flag(r, name, default):
+    """A run's flag: from result.json's config, or a diverged.json's identity; runs made before the flag had `default`."""
+    return (r.get("config") or r.get("identity") or {}).get(name, default)
+
+
 def word_positions(run_dir):
     """The --word-position rules of the runs under run_dir (runs made before the flag existed used "first")."""
-    return sorted({(r.get("config") or {}).get("word_position", "first") for r in runs(run_dir).values()})
+    return sorted({run_flag(r, "word_position", "first") for r in runs(run_dir).values()})
 
 
 def pe_methods(run_dir):
@@ -146,7 +151,7 @@ def pe_methods(run_dir):
     method per setting: a directory mixing them is refused."""
     methods = {}
     for path, r in runs(run_dir).items():
-        setting, method = int(r["setting"]), (r.get("pe") or {}).get("method", "adapter")
+        setting, method = int(r["setting"]), (r.get("pe") or {}).get("method") or run_flag(r, "pe", "adapter")
         if setting >= 3 and methods.setdefault(setting, method) != method:
             raise EvalError(f"{run_dir} mixes PE methods in setting {setting} ({methods[setting]} and {method}, "
                             f"e.g. {path}); tabulate each method's grid on its own")
@@ -178,7 +183,7 @@ def summarize(cells, methods=None):
             common = set.intersection(*({k for k, v in cells[(s, l)].items() if v is not None} for l in langs))
             per_seed = [statistics.mean(cells[(s, l)][seed] for l in langs) for seed in sorted(common)]
             paper_avg = None if any(l not in paper for l in langs) else statistics.mean(paper[l] for l in langs)
-            row["avg"] = cell(per_seed, paper_avg, sum(c["diverged"] > 0 for c in row.values()))
+            row["avg"] = cell(per_seed, paper_avg, sum(c["diverged"] for c in row.values()))
         rows.append((s, setting_name(s, methods.get(s, "adapter")), row))
     return cols, rows
 
@@ -192,28 +197,35 @@ def cell(values, paper, diverged):
 def fmt_cell(c):
     if c is None:
         return "not run"
-    if c["mean"] is None:
-        return "diverged"
+    if c["mean"] is None:  # no seed finished (avg: no seed finished every target)
+        return "diverged" if c["diverged"] else "-"
     text = f"{c['mean']:.2f}" + (f" ± {c['std']:.2f}" if not math.isnan(c["std"]) else "")
     text += f" ({c['paper']:.2f}, {c['mean'] - c['paper']:+.2f})" if c["paper"] is not None else ""
     return text + (f" [{c['diverged']} diverged]" if c["diverged"] else "")
 
 
 def curve_cells(run_dir):
-    """The data-size curve: {(setting, lang, training sentences): {seed: test F1}} from run_dir/curve/ and the
-    full-size runs of run_dir (settings 2-5 that also have curve runs). One run per key, as in collect."""
-    cells, where = {}, {}
-    for path, r in list(runs(run_dir, curve=True).items()) + list(runs(run_dir).items()):
-        if "test_f1" not in r or "sizes" not in r:
-            continue
-        key = (int(r["setting"]), r["lang"], r["sizes"]["train"], r["seed"])
-        if key in where and where[key] != os.path.dirname(path):
-            raise EvalError(f"two runs of setting {key[0]} {key[1]} on {key[2]} sentences, seed {key[3]}: {where[key]} and "
-                            f"{os.path.dirname(path)}")
-        where[key] = os.path.dirname(path)
-        cells.setdefault(key[:3], {})[key[3]] = r["test_f1"]
+    """The data-size curve: ({(setting, lang, training sentences): {seed: test F1}}, {(setting, lang): sentences of
+    the full-size runs}) from run_dir/curve/ and the full-size runs of run_dir (settings 2-5 that also have curve
+    runs). One run per key, as in collect; a curve run on as many sentences as the full-size run repeats it (a
+    --curve point at or above a target's training-set size): the full-size run is kept."""
+    cells, where, full = {}, {}, {}
+    for is_full, found in ((True, runs(run_dir)), (False, runs(run_dir, curve=True))):
+        for path, r in found.items():
+            if "test_f1" not in r or "sizes" not in r:
+                continue
+            key = (int(r["setting"]), r["lang"], r["sizes"]["train"], r["seed"])
+            if key in where and where[key][0] and not is_full:
+                continue
+            if key in where and where[key][1] != os.path.dirname(path):
+                raise EvalError(f"two runs of setting {key[0]} {key[1]} on {key[2]} sentences, seed {key[3]}: "
+                                f"{where[key][1]} and {os.path.dirname(path)}")
+            where[key] = (is_full, os.path.dirname(path))
+            if is_full:
+                full[key[:2]] = key[2]
+            cells.setdefault(key[:3], {})[key[3]] = r["test_f1"]
     curved = {(s, lang) for (s, lang, n) in runs_keys(run_dir)}
-    return {k: v for k, v in cells.items() if k[:2] in curved}
+    return {k: v for k, v in cells.items() if k[:2] in curved}, {k: n for k, n in full.items() if k in curved}
 
 
 def runs_keys(run_dir):
@@ -225,7 +237,7 @@ def curve(run_dir):
     seed, at each size step, where every target has it) and curve.png: test F1 against training sentences (log scale),
     one panel per target and one for the average, mean ± std bands over seeds, the paper's full-data mBERT F1 as a
     marker at the full size. Returns the CSV rows."""
-    cells = curve_cells(run_dir)
+    cells, full = curve_cells(run_dir)
     if not cells:
         return []
     settings = sorted({k[0] for k in cells})
@@ -238,9 +250,10 @@ def curve(run_dir):
                 if (s, lang, n) in cells:
                     c = cell(list(cells[(s, lang, n)].values()), None, 0)
                     rows.append([s, lang, n, c["mean"], c["std"], c["n"]])
-        steps = min(len(v) for v in sizes.values())
-        for k in range(steps):  # the average over targets of the k-th size (the last: each target's full set)
-            keys = [(s, lang, sizes[lang][k]) for lang in langs]
+        shared = set.intersection(*({n for n in sizes[lang] if n != full.get((s, lang))} for lang in langs))
+        steps = [[(s, lang, n) for lang in langs] for n in sorted(shared)]  # the curve's sizes every target has
+        steps += [[(s, lang, full.get((s, lang))) for lang in langs]]  # each target's full set
+        for keys in steps:  # the average over targets
             if all(key in cells for key in keys):
                 common = set.intersection(*(set(cells[key]) for key in keys))
                 c = cell([statistics.mean(cells[key][seed] for key in keys) for seed in sorted(common)], None, 0)
@@ -250,11 +263,11 @@ def curve(run_dir):
         w.writerow(["setting", "lang", "train_sentences", "mean_f1", "std_f1", "n_seeds"])
         w.writerows([s, lang, n, f"{m:.2f}", "" if math.isnan(sd) else f"{sd:.2f}", k] for s, lang, n, m, sd, k in rows)
     os.replace(os.path.join(run_dir, "curve.csv.tmp"), os.path.join(run_dir, "curve.csv"))
-    plot_curve(run_dir, rows, settings, langs + ["avg"])
+    plot_curve(run_dir, rows, settings, langs + ["avg"], langs)
     return rows
 
 
-def plot_curve(run_dir, rows, settings, panels):
+def plot_curve(run_dir, rows, settings, panels, langs):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -275,7 +288,8 @@ def plot_curve(run_dir, rows, settings, panels):
             ax.plot(xs, ms, marker="o", ms=3, color=color, label=f"{s} {SETTINGS.get(s, s)}")
             ax.fill_between(xs, [m - d for m, d in zip(ms, sds)], [m + d for m, d in zip(ms, sds)], color=color, alpha=0.2)
             paper = PAPER.get(s, {})
-            value = statistics.mean(paper[l] for l in TARGETS) if lang == "avg" else paper.get(lang)
+            value = paper.get(lang) if lang != "avg" else (  # the paper's average over the same targets
+                statistics.mean(paper[l] for l in langs) if all(l in paper for l in langs) else None)
             if value is not None:
                 ax.scatter([xs[-1]], [value], marker="*", s=70, color=color, edgecolor="black", linewidth=0.5, zorder=3)
         ax.scatter([], [], marker="*", s=70, color="white", edgecolor="black", label="paper, all data (mBERT)")
@@ -304,7 +318,7 @@ def write_reports(run_dir, cols, rows):
                                               if any(name != SETTINGS.get(s) for s, name, _ in rows) else ""), "",
           "| # | setting | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 3) + "|"]
     for s, name, row in rows:
-        ns = sorted({c["n"] for c in row.values()})  # "2-3": a partial grid, whose average uses the seeds all targets have
+        ns = sorted({c["n"] for col, c in row.items() if col != "avg"})  # "2-3": a partial grid, whose average uses the seeds all targets have
         seeds = f"{ns[0]}-{ns[-1]}" if len(ns) > 1 else ns[0]
         md.append(f"| {s} | {name} | " + " | ".join(fmt_cell(row.get(c)) for c in cols) + f" | {seeds} |")
     with open(os.path.join(run_dir, "table1.md.tmp"), "w") as f:
@@ -359,25 +373,34 @@ def plot(run_dir, cols, rows):
 def sweep(run_dir):
     """A hyper-parameter sweep: one row per subdirectory of run_dir (one configuration each), mean dev
     F1 per target over seeds and its average over targets (test F1 beside it); the best configuration
-    per setting by average dev F1 is starred. Writes sweep.md and returns it."""
+    per setting by average dev F1 is starred. A configuration missing a run (target, seed) that another of
+    its setting has, or with a diverged run, gets no average and no star. Writes sweep.md and returns it."""
     rows = []
     for name in sorted(os.listdir(run_dir)):
-        results = {}
-        for path in glob.glob(os.path.join(run_dir, name, "**", "result.json"), recursive=True):
-            r = read_json(path)
-            results.setdefault(r["lang"], []).append(r)
-        if results:
-            setting = {r["setting"] for rs in results.values() for r in rs}.pop()
-            dev = {lang: statistics.mean(r["dev_f1"] for r in rs) for lang, rs in results.items()}
-            test = statistics.mean(r["test_f1"] for rs in results.values() for r in rs)
-            rows.append((setting, name, dev, statistics.mean(dev.values()), test))
-    langs = sorted({lang for row in rows for lang in row[2]}, key=lambda l: (l not in TARGETS, TARGETS.index(l) if l in TARGETS else l))
-    best = {s: max(r[3] for r in rows if r[0] == s) for s in {r[0] for r in rows}}
+        found = {(r["lang"], r["seed"]): r if path.endswith("result.json") else None  # None: diverged
+                 for path, r in runs(os.path.join(run_dir, name)).items()}  # (a result wins over a divergence marker)
+        if found:
+            rows.append(({r["setting"] for r in runs(os.path.join(run_dir, name)).values()}.pop(), name, found))
+    wanted = {}
+    for setting, _, found in rows:
+        wanted.setdefault(setting, set()).update(found)
+    table = []
+    for setting, name, found in rows:
+        done = {k: r for k, r in found.items() if r is not None}
+        dev = {lang: statistics.mean(r["dev_f1"] for (l, _), r in done.items() if l == lang) for lang, _ in done}
+        complete = set(done) == wanted[setting]
+        test = statistics.mean(r["test_f1"] for r in done.values()) if done else None
+        table.append((setting, name, dev, statistics.mean(dev.values()) if complete else None, test,
+                      {lang for lang, _ in found} - set(dev), len(found) - len(done)))
+    langs = sorted({lang for row in rows for lang, _ in row[2]}, key=lambda l: (l not in TARGETS, TARGETS.index(l) if l in TARGETS else l))
+    best = {s: max((r[3] for r in table if r[0] == s and r[3] is not None), default=None) for s in wanted}
     md = ["Dev F1 per configuration (mean over seeds); * = best average dev F1 of its setting.", "",
           "| setting | configuration | " + " | ".join(langs) + " | avg dev | avg test |", "|---" * (len(langs) + 4) + "|"]
-    for setting, name, dev, avg, test in rows:
-        md.append(f"| {setting} | {name}{' *' if avg == best[setting] else ''} | " + " | ".join(
-            f"{dev[l]:.2f}" if l in dev else "-" for l in langs) + f" | {avg:.2f} | {test:.2f} |")
+    for setting, name, dev, avg, test, failed, diverged in table:
+        note = f" ({diverged} diverged)" if diverged else "" if avg is not None else " (runs missing)"
+        md.append(f"| {setting} | {name}{' *' if avg is not None and avg == best[setting] else ''}{note} | " + " | ".join(
+            f"{dev[l]:.2f}" if l in dev else "diverged" if l in failed else "-" for l in langs)
+                  + f" | {'-' if avg is None else f'{avg:.2f}'} | {'-' if test is None else f'{test:.2f}'} |")
     with open(os.path.join(run_dir, "sweep.md.tmp"), "w") as f:
         f.write("\n".join(md) + "\n")
     os.replace(os.path.join(run_dir, "sweep.md.tmp"), os.path.join(run_dir, "sweep.md"))
@@ -407,10 +430,13 @@ def spread(run_dirs):
 
 
 def averages(run_dir, setting):
-    """The setting's average over targets in run_dir (a cell: mean ± std over fine-tuning seeds), or None."""
-    for s, _, row in summarize(collect(run_dir))[1]:
+    """The setting's average over targets in run_dir (a cell: mean ± std over fine-tuning seeds, with the
+    `targets` averaged and the PE `method` tuned), or None."""
+    methods = pe_methods(run_dir)
+    cols, rows = summarize(collect(run_dir), methods)
+    for s, _, row in rows:
         if s == setting and "avg" in row and row["avg"]["mean"] is not None:
-            return row["avg"]
+            return dict(row["avg"], targets=tuple(cols[:-1]), method=methods.get(s, "adapter"))
     return None
 
 
@@ -420,16 +446,27 @@ def across(cells):
 
 
 def compare(columns):
-    """Per setting, the paper's average over the 6 targets beside each column's (columns: (label, [run dirs]);
-    several dirs = the same grid primed with other seeds: mean ± sample std of their averages)."""
+    """Per setting, each column's average over its targets (columns: (label, [run dirs]); several dirs = the same
+    grid primed with other seeds: mean ± sample std of their averages) beside the paper's average over the same
+    targets; "-" for the paper where the columns average different targets or tune another PE method."""
     md = ["| # | setting | paper (mBERT, full data) | " + " | ".join(label for label, _ in columns) + " |",
           "|---" * (len(columns) + 3) + "|"]
     for s, name in SETTINGS.items():
-        cells = []
+        cells, found_all = [], []
         for _, dirs in columns:
             found = [c for c in (averages(d, s) for d in dirs) if c]
             cells.append(across(found) if found else "-")
-        md.append(f"| {s} | {name} | {statistics.mean(PAPER[s].values()):.2f} | " + " | ".join(cells) + " |")
+            found_all += found
+        methods = {c["method"] for c in found_all} or {"adapter"}
+        targets = {c["targets"] for c in found_all} or {tuple(TARGETS)}
+        if len(methods) == 1:
+            name = setting_name(s, methods.pop())
+        elif s >= 3:
+            name = "PE tuning" if s == 3 else name.replace("-> AT", "-> PE")
+        paper = PAPER[s]
+        paper = (f"{statistics.mean(paper[t] for t in targets.pop()):.2f}" if name == SETTINGS[s] and len(targets) == 1
+                 and all(t in paper for t in next(iter(targets))) else "-")
+        md.append(f"| {s} | {name} | {paper} | " + " | ".join(cells) + " |")
     return "\n".join(md)
 
 
@@ -494,12 +531,22 @@ def main():
     p.add_argument("--ablation", nargs="+", metavar="LABEL=DIR[,DIR...]:SETTING",
                    help="one row per LABEL: the SETTING's average in each DIR (priming seeds) and across them")
     args = p.parse_args()
+
+    def labelled(arg, setting):  # LABEL=DIR[,DIR...] (with setting: ...:SETTING) -> (label, dirs, setting)
+        label, _, dirs = arg.partition("=")
+        dirs, _, number = dirs.rpartition(":") if setting else (dirs, "", "")
+        dirs = [d for d in dirs.split(",") if d]
+        if not label or not dirs or (setting and not number.isdigit()):
+            p.error(f"{arg!r}: expected LABEL=DIR[,DIR...]" + (":SETTING" if setting else ""))
+        for d in dirs:
+            if not os.path.isdir(d):
+                p.error(f"{arg!r}: no directory {d}")
+        return label, dirs, int(number) if setting else None
     if args.compare:
-        print(compare([(c.split("=", 1)[0], c.split("=", 1)[1].split(",")) for c in args.compare]))
+        print(compare([labelled(c, False)[:2] for c in args.compare]))
         return
     if args.ablation:
-        rows = [(a.split("=", 1)[0], int(a.rsplit(":", 1)[1]), a.split("=", 1)[1].rsplit(":", 1)[0].split(",")) for a in args.ablation]
-        print(ablation(rows))
+        print(ablation([(label, setting, dirs) for label, dirs, setting in (labelled(a, True) for a in args.ablation)]))
         return
     if args.priming:
         print(priming_report(args.priming))

@@ -29,9 +29,9 @@ import torch
 from tqdm import tqdm
 
 import pe
-from data import LABELS, DataError, add_data_args, batch_indices, batches, collate, encode, load_split, unscored_words
+from data import LABELS, DataError, add_data_args, positive_int, batch_indices, batches, collate, encode, load_split, unscored_words
 from evaluate import SETTINGS, entity_scores, setting_name
-from model import (Diverged, ModelError, add_runtime_args, body_fingerprint, body_output, decay_unused_rows, in_groups,
+from model import (Diverged, ModelError, add_runtime_args, body_fingerprint, body_output, check_max_len, same_model, decay_unused_rows, in_groups,
                    is_checkpoint, keep_used_rows, load_tagger, named_group_params, portable, precision, priming_identity, read_json,
                    restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions, write_json, atomic_write, check_same)
 
@@ -62,19 +62,19 @@ def parse_args(argv=None):
                    help="settings 4-7: accept a checkpoint primed with another variant than the setting's (experiments)")
     p.add_argument("--seed", type=int, nargs="+", default=[1], help="one run per seed")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-5 full FT, 1e-3 head/adapter)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 5 full FT, 10 head/adapter)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: 5 full FT, 10 head/adapter)")
     p.add_argument("--min-steps", type=int, default=0,
                    help="train at least this many optimizer steps: the epochs are raised to reach it, so that a small "
                         "training set gets as many updates as a large one (the data-size curve; default 0: off)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--eval-batch-size", type=positive_int, default=128)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--max-len", type=int, default=128, help="max sub-words per sentence (longer: extra words predicted O)")
-    p.add_argument("--train-size", type=int, default=None, help="first N training sentences (all)")
-    p.add_argument("--dev-size", type=int, default=None, help="first N validation sentences (all)")
-    p.add_argument("--test-size", type=int, default=None, help="first N test sentences (all)")
+    p.add_argument("--max-len", type=positive_int, default=128, help="max sub-words per sentence (longer: extra words predicted O)")
+    p.add_argument("--train-size", type=positive_int, default=None, help="first N training sentences (all)")
+    p.add_argument("--dev-size", type=positive_int, default=None, help="first N validation sentences (all)")
+    p.add_argument("--test-size", type=positive_int, default=None, help="first N test sentences (all)")
     p.add_argument("--save-model", action="store_true", help="also save the trained groups (safetensors)")
     p.add_argument("--feature-cache", metavar="DIR", default=None,
                    help="settings 2, and 3-7 with the adapter (a frozen body): keep the body's outputs in DIR, keyed by a hash of the body, "
@@ -121,7 +121,7 @@ def build_model(args):
         if not args.init or not is_checkpoint(args.init):
             raise ModelError(f"setting {args.setting} needs --init DIR, a primed checkpoint from prime.py (got {args.init})")
         model, tokenizer, info = load_tagger(args.init, LABELS)
-        if args.model and args.model != info["base_model"]:
+        if args.model and not same_model(args.model, info["base_model"]):
             raise ModelError(f"--init {args.init} was primed from {info['base_model']!r}, not from --model {args.model!r}")
         if (info["pe"] or {}).get("method") != args.pe:
             raise ModelError(f"--init {args.init} was primed for PE method {(info['pe'] or {}).get('method')!r}, "
@@ -382,6 +382,9 @@ def is_done(run, args, identity):
             return True
         check_same(run, "run", record.get("identity") or run_identity(args, {**record.get("config", {}), "init": args.init}),
                    identity)
+        if name == "result.json" and args.save_model and not is_checkpoint(run):
+            print(f"finetune.py: {run} has no saved model; redoing that run for --save-model", file=sys.stderr)
+            return False
         return True
     return False
 
@@ -410,6 +413,7 @@ def main(args):
                               f"its priming diverged (see {args.init}/diverged.json)", identity, from_priming=True)
         raise Diverged(f"finetune.py: --init {args.init}: priming diverged; setting {args.setting} marked diverged")
     model, tokenizer, info = build_model(args)
+    check_max_len(model.body, args.max_len)
     model.to(args.device)
     groups = TRAINABLE[args.setting]
     start_state = {n: t.clone() for n, t in model.state_dict().items() if in_groups(model, n, groups)}

@@ -202,16 +202,18 @@ def fast_adapt_adamw(model, support, names, steps, lr, features=None, amp=contex
 
 
 def fast_adapt_second_order(model, support, names, steps, lr, features=None, amp=contextlib.nullcontext, start=None):
-    """S SGD steps that keep their graph (torch.func.grad composed with autograd), so that the query loss
-    differentiates THROUGH the inner loop: exact MAML. The copies start as the model's own tensors (not detached),
-    and `features`, if given, must carry their graph to the body (support_features with_graph)."""
+    """S SGD steps that keep their graph (autograd.grad with create_graph), so that the query loss differentiates
+    THROUGH the inner loop: exact MAML. The copies start as the model's own tensors (not detached), and `features`,
+    if given, must carry their graph to the body (support_features with_graph). (torch.func.grad fails here under
+    bf16 autocast with the math attention kernel; autograd.grad does not.)"""
     params = dict(model.named_parameters())
     fast = {n: (start or {}).get(n, params[n]) for n in names}
-    loss_of = lambda fast, inputs, labels: support_loss(model, fast, inputs, labels, amp)
+    fast = {n: w if w.requires_grad else w.detach().requires_grad_() for n, w in fast.items()}  # a fresh head's draw
     losses = []
     for inputs, labels in inner_batches(support, features, steps):
-        grads, loss = torch.func.grad_and_value(loss_of)(fast, inputs, labels)
-        fast = {n: w - lr * grads[n] for n, w in fast.items()}
+        loss = support_loss(model, fast, inputs, labels, amp)
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True, materialize_grads=True)
+        fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads)}
         losses.append(loss.detach())
     return fast, torch.stack(losses).tolist()
 

@@ -54,7 +54,10 @@ class Tagger(nn.Module):
         method = pe_config["method"] if pe_config else None
         self.adapter = pe.Adapter(hidden, pe_config["dim"], init_range) if method == "adapter" else None
         if method == "lora":
-            pe.add_lora(body, pe_config["rank"], pe_config["alpha"], pe_config["targets"])
+            try:
+                pe.add_lora(body, pe_config["rank"], pe_config["alpha"], pe_config["targets"])
+            except ValueError as e:  # a --lora-targets name the body lacks
+                raise ModelError(str(e)) from None
         self.head = nn.Linear(hidden, num_labels)
         self.reset_head()
 
@@ -277,6 +280,20 @@ def body_fingerprint(body, skip=(), whole=False):
             h.update(f"{name}{tuple(t.shape)}".encode())
             h.update(t.detach().flatten()[:None if whole else 4096].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def same_model(a, b):
+    """Do two --model values name the same encoder? (Equal names, or two paths to one directory: ./m/ and m.)"""
+    return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b))
+
+
+def check_max_len(body, max_len):
+    """Refuse (ModelError) a --max-len longer than the body's position table (RoBERTa-style bodies lose padding_idx + 1
+    positions to their offset)."""
+    padding_idx = getattr(getattr(body, "embeddings", None), "padding_idx", None)
+    limit = body.config.max_position_embeddings - (padding_idx + 1 if padding_idx is not None else 0)
+    if max_len > limit:
+        raise ModelError(f"--max-len {max_len} exceeds the {limit} positions of the encoder; use --max-len {limit} or less")
 
 
 def load_tagger(name_or_path, labels, adapter_dim=64, pe_config=None):

@@ -73,6 +73,8 @@ def check_args(parser, args, has_pe=True, primed=None):
     another method, for a setting without a PE method (has_pe False), or against the config a primed checkpoint
     was made with (`primed`: its config dict; the method itself is checked where the checkpoint is loaded)."""
     flag = lambda dest: "--" + dest.replace("_", "-")
+    if small := [f"{flag(d)} {getattr(args, d)}" for d in ("adapter_dim", "lora_rank") if getattr(args, d) < 1]:
+        parser.error(f"{', '.join(small)}: must be >= 1")
     given = {d: getattr(args, d) for flags in OWN_FLAGS.values() for d in flags if getattr(args, d) != parser.get_default(d)}
     if not has_pe and (args.pe != parser.get_default("pe") or given):
         parser.error(f"{' '.join([flag('pe')] * (args.pe != parser.get_default('pe')) + [flag(d) for d in given])}: "
@@ -94,9 +96,11 @@ def lora_branch(module, inputs, output):
 def add_lora(body, rank, alpha, targets):
     """Give every nn.Linear of `body` whose own name is in `targets` a LoRA branch (lora_A: d_in -> r, Kaiming
     uniform as nn.Linear and peft initialise it; lora_B: r -> d_out, zero). Returns the names of the layers."""
-    layers = [(name, m) for name, m in body.named_modules() if name.split(".")[-1] in targets and isinstance(m, nn.Linear)]
-    if not layers:
-        raise ValueError(f"no linear layer named {' or '.join(targets)} in the body; see --lora-targets")
+    linear = {name: m for name, m in body.named_modules() if isinstance(m, nn.Linear)}
+    layers = [(name, m) for name, m in linear.items() if name.split(".")[-1] in targets]
+    if missing := [t for t in targets if t not in {name.split(".")[-1] for name, _ in layers}]:
+        raise ValueError(f"--lora-targets {' '.join(missing)}: no linear layer of the body has that name (its linear "
+                         f"layers: {' '.join(sorted({name.split('.')[-1] for name in linear}))})")
     for _, m in layers:
         m.lora_A = nn.Linear(m.in_features, rank, bias=False).to(m.weight.device)
         m.lora_B = nn.Linear(rank, m.out_features, bias=False).to(m.weight.device)

@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 import dist
 import pe
-from data import LABELS, DataError, add_data_args, encode, load_split, meta_batches, steps_per_epoch
+from data import LABELS, DataError, add_data_args, positive_int, encode, load_split, meta_batches, steps_per_epoch
 from meta import INNER_GROUPS, INNER_LOOPS, SUPPORT_PASSES, fast_adapt_second_order, ft_gradients, meta_gradients, reptile_gradients
-from model import (Diverged, ModelError, add_runtime_args, atomic_write, check_same, decay_unused_rows, keep_used_rows, load_tagger,
+from model import (Diverged, ModelError, add_runtime_args, atomic_write, check_max_len, check_same, decay_unused_rows, keep_used_rows, load_tagger,
                    named_group_params, portable, precision, priming_identity, read_json, restore_vocab, safetensors_complete,
                    save_checkpoint, versions, write_json)
 
@@ -44,13 +44,13 @@ def parse_args(argv=None):
                    help="meta: Algorithm 1; ft: plain fine-tuning priming; reptile: move towards the adapted weights")
     p.add_argument("--inner-scope", choices=["pe", "all"], default="pe",
                    help="pe: inner loop updates the PE method (--pe) + head only (paper); all: also the body (MAML loop)")
-    p.add_argument("--inner-steps", type=int, default=5, help="S, SGD steps per task (paper: 5)")
+    p.add_argument("--inner-steps", type=positive_int, default=5, help="S, SGD steps per task (paper: 5)")
     p.add_argument("--inner-lr", type=float, default=0.03, help="alpha, inner learning rate (paper: 0.03, SGD)")
     p.add_argument("--inner-optimizer", choices=list(INNER_LOOPS), default="sgd",
                    help="sgd (paper) or adamw (from a zero state per task, as adapter tuning; pair it with its --inner-lr)")
     p.add_argument("--inner-head", choices=["carry", "fresh"], default="carry",
                    help="carry: start each task from the head the last meta-step left (paper); fresh: from a new draw")
-    p.add_argument("--support-batches", type=int, default=1,
+    p.add_argument("--support-batches", type=positive_int, default=1,
                    help="K: a task's support set is K batches of --support-size, taken in turn by the S steps")
     p.add_argument("--meta-grad", choices=["first", "second"], default="first",
                    help="first: first-order meta-gradient (paper); second: differentiate through the inner loop (SGD only)")
@@ -61,12 +61,13 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not in the paper)")
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="linear schedule warm-up fraction (not in the paper)")
     p.add_argument("--sources", nargs="+", default=["en", "es"], help="source languages, one task each per meta-batch")
-    p.add_argument("--train-size", type=int, default=None, help="use the first N training sentences per source (all)")
-    p.add_argument("--support-size", type=int, default=32, help="sentences in a task's support batch (not in the paper)")
-    p.add_argument("--query-size", type=int, default=32, help="sentences in a task's query batch (not in the paper)")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the source data (not in the paper)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many meta-steps")
-    p.add_argument("--max-len", type=int, default=128, help="max sub-words per sentence")
+    p.add_argument("--train-size", type=positive_int, default=None, help="use the first N training sentences per source (all)")
+    p.add_argument("--support-size", type=positive_int, default=32, help="sentences in a task's support batch (not in the paper)")
+    p.add_argument("--query-size", type=positive_int, default=32, help="sentences in a task's query batch (not in the paper)")
+    p.add_argument("--epochs", type=positive_int, default=3, help="passes over the source data (not in the paper)")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many meta-steps (or after --epochs passes, whichever comes first)")
+    p.add_argument("--max-len", type=positive_int, default=128, help="max sub-words per sentence")
     p.add_argument("--vocab-rows", choices=["used", "all"], default="used",
                    help="used: train only the embedding rows the data uses (exact, faster; model.UsedRows); all: every row")
     p.add_argument("--seed", type=int, default=1)
@@ -85,8 +86,15 @@ def parse_args(argv=None):
         return args
     if args.meta_grad == "second" and (args.inner_optimizer != "sgd" or args.mode != "meta"):
         p.error("--meta-grad second differentiates through SGD steps: it needs --inner-optimizer sgd and --mode meta")
-    if min(args.inner_steps, args.support_batches) < 1:
-        p.error("--inner-steps and --support-batches must be >= 1")
+    batches = args.support_batches + (args.mode == "reptile" and args.inner_scope == "all")  # plain Reptile: + the query
+    if args.inner_steps < batches:
+        p.error(f"--inner-steps {args.inner_steps} < the inner loop's {batches} batches (--support-batches"
+                f"{' + the query batch of plain Reptile' if batches > args.support_batches else ''}): the steps take them in "
+                "turn, so some would never be used")
+    if args.mode == "reptile" and args.inner_scope == "all" and args.inner_optimizer == "adamw":
+        if args.vocab_rows == "used":  # AdamW's weight decay moves every row in the inner loop, and theta - phi carries it
+            p.error("--vocab-rows used is not exact for plain Reptile with --inner-optimizer adamw (its inner weight decay "
+                    "moves the unused embedding rows too): pass --vocab-rows all")
     through_body = args.inner_scope == "all" or args.pe != "adapter"
     if through_body and args.support_pass == "cached":
         why = "--inner-scope all" if args.inner_scope == "all" else f"--pe {args.pe}"
@@ -258,6 +266,7 @@ def main(args):
         return dist.teardown()
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model, tokenizer, info = load_tagger(args.model, LABELS, pe_config=pe.from_args(args))
+    check_max_len(model.body, args.max_len)
     model.to(args.device)
     if rank > 0:  # under torchrun: each process its own dropout stream (rank 0, like a plain run, keeps the seed's)
         torch.manual_seed(1000 * args.seed + rank)
@@ -268,7 +277,7 @@ def main(args):
     per_epoch = steps_per_epoch(sources, support_size, args.query_size)
     if per_epoch == 0:
         raise DataError(f"too few source sentences for one task of {args.support_size}+{args.query_size}")
-    total = args.max_steps or args.epochs * per_epoch
+    total = min(args.max_steps or math.inf, args.epochs * per_epoch)
     if args.vocab_rows == "used":
         keep_used_rows(model, [ex for examples in sources.values() for ex in examples])
     optimizer, schedule = make_optimizer(model, args, total)
@@ -312,11 +321,11 @@ def main(args):
     dist.teardown()
     if rank > 0:
         return
-    save_checkpoint(args.out, model, tokenizer, ("body", "pe", "head"), info["base_model"], LABELS,
-                    extra={"variant": variant(args), "priming": recorded_args(args)})
     if model.pe["method"] == "lora":  # for the peft library: the body as a standard HF model + the LoRA as a peft adapter
         pe.save_plain_body(model.body, tokenizer, os.path.join(args.out, "peft-body"))
         pe.export_peft(model.body, model.pe, os.path.join(args.out, "peft-lora"), "peft-body")
+    save_checkpoint(args.out, model, tokenizer, ("body", "pe", "head"), info["base_model"], LABELS,  # last: marks it complete
+                    extra={"variant": variant(args), "priming": recorded_args(args)})
     if os.path.exists(state_path):
         os.remove(state_path)  # the checkpoint is complete; the resume state is no longer needed
     write_json(os.path.join(args.out, "config.json"), {**config, "wall_time_s": round(time.time() - start, 1)})

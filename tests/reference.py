@@ -80,13 +80,16 @@ def first_order(model, tasks, pad_id, names, steps, lr, optimizer="sgd", heads=N
     return grads, first_head
 
 
-def second_order(model, tasks, pad_id, names, steps, lr):
+def second_order(model, tasks, pad_id, names, steps, lr, heads=None):
     """Exact MAML: S SGD steps unrolled with create_graph on the model's own parameters `names` + head, the query
-    loss backpropagated through them; summed over tasks (head left out). Math attention: it has a double backward."""
+    loss backpropagated through them; summed over tasks (head left out). Math attention: it has a double backward.
+    heads: per task, the head tensors to start from (a fresh head) instead of the model's."""
     ref = copy.deepcopy(model)
     with sdpa_kernel(SDPBackend.MATH):
-        for support, query in tasks:
+        for k, (support, query) in enumerate(tasks):
             fast = {n: p for n, p in ref.named_parameters() if n in names + HEAD}
+            if heads:
+                fast.update({n: t.clone().requires_grad_() for n, t in heads[k].items()})
             s = pad(support, pad_id)
             for _ in range(steps):
                 g = torch.autograd.grad(loss(ref, s, fast), list(fast.values()), create_graph=True)

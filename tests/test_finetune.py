@@ -292,3 +292,32 @@ def test_flags_that_would_not_act_are_refused_in_one_line(setting, flags, capsys
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and flags[-2 if flags[-1] in ("c", "all") else -1] in line and f"setting {setting}" in line
     finetune.parse_args(["--setting", "2", "--lang", "hi", "--out", "x", "--cache-body", "--feature-cache", "c"])  # frozen: fine
+
+
+@pytest.mark.parametrize("flags, says", [(["--train-size", "0"], "--train-size: '0' is not a whole number >= 1"),
+                                         (["--test-size", "-5"], "--test-size: '-5'"), (["--epochs", "0"], "--epochs: '0'"),
+                                         (["--batch-size", "0"], "--batch-size: '0'"), (["--max-len", "0"], "--max-len: '0'"),
+                                         (["--synthetic", "--data-dir", "d"], "not allowed with argument")])
+def test_counts_below_one_and_two_data_sources_are_refused_in_one_line(flags, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        finetune.parse_args(["--setting", "3", "--lang", "hi", "--out", "x"] + flags)
+    assert e.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_max_len_beyond_the_position_table_is_refused(tiny_dir, tmp_path):
+    positions = json.load(open(os.path.join(tiny_dir, "config.json")))["max_position_embeddings"]
+    with pytest.raises(model.ModelError, match=f"--max-len {positions + 1} exceeds the {positions} positions"):
+        finetune.main(finetune.parse_args(["--setting", "3", "--lang", "hi", "--model", tiny_dir, "--out", str(tmp_path),
+                                           "--max-len", str(positions + 1)] + SMALL))
+    assert not os.listdir(tmp_path)
+
+
+def test_save_model_on_a_finished_run_redoes_it_and_a_model_path_may_be_spelled_differently(tiny_dir, primed_dirs, tmp_path):
+    finetune.main(args_for(3, tiny_dir, primed_dirs, tmp_path))
+    first = json.load(open(tmp_path / "hi" / "seed1" / "result.json"))
+    finetune.main(args_for(3, tiny_dir, primed_dirs, tmp_path, ["--save-model"]))  # no model saved the first time
+    assert model.is_checkpoint(str(tmp_path / "hi" / "seed1"))
+    again = json.load(open(tmp_path / "hi" / "seed1" / "result.json"))
+    assert again["test_f1"] == first["test_f1"]
+    argv = ["--setting", "4", "--lang", "hi", "--init", primed_dirs[finetune.PRIMING[4]], "--out", str(tmp_path / "s4")] + SMALL
+    finetune.build_model(finetune.parse_args(argv + ["--model", tiny_dir.rstrip("/") + "/"]))  # the same directory: fine

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import itertools
 import json
+import math
 import os
 
 import pytest
@@ -106,6 +107,22 @@ def test_second_order_meta_gradient_equals_reference(tiny_dir, method):
     assert_grads(tagger, expected, rtol=1e-4)
     first, _ = ref.first_order(tagger, tasks, tokenizer.pad_token_id, ref.PE[method], 3, 0.03)
     assert not torch.allclose(expected[ref.PE[method][-1]], first[ref.PE[method][-1]], rtol=1e-3, atol=1e-6)  # it matters
+
+
+def test_second_order_from_a_fresh_head_equals_reference(tiny_dir):
+    """--meta-grad second --inner-head fresh: each task's unrolled inner loop starts from a new head draw (N(0, 0.02)
+    weights as the tiny config's initializer_range, zero bias; drawn here the same way from the same seed)."""
+    tagger, tokenizer = tagger_with(tiny_dir, "lora")
+    tasks = tasks_of(tokenizer)
+    torch.manual_seed(5)
+    w, b = tagger.head.weight, tagger.head.bias
+    heads = [{"head.weight": torch.randn(w.shape) * tagger.body.config.initializer_range, "head.bias": torch.zeros(b.shape)}
+             for _ in tasks]
+    expected = ref.second_order(tagger, tasks, tokenizer.pad_token_id, ref.PE["lora"], 3, 0.03, heads=heads)
+    torch.manual_seed(5)
+    meta.meta_gradients(tagger, tasks, tokenizer.pad_token_id, inner_names(tagger), 3, 0.03, inner_head="fresh",
+                        adapt=meta.fast_adapt_second_order)
+    assert_grads(tagger, expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -279,6 +296,8 @@ def test_every_flag_combination_primes_or_is_refused_with_one_line(tiny_nodrop_d
         argv = ["--model", tiny_nodrop_dir, "--synthetic", "--train-size", "16", "--support-size", "4", "--query-size", "4",
                 "--max-steps", "2", "--max-len", "32", "--device", "cpu", "--inner-steps", "2"]
         argv += [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)]
+        if flags["mode"] == "reptile" and flags["inner_scope"] == "all" and flags["inner_optimizer"] == "adamw":
+            argv += ["--vocab-rows", "all"]  # the exact choice there (used rows: refused, next test)
         out = str(tmp_path / "-".join(values))
         capsys.readouterr()  # the progress bars of earlier runs
         try:
@@ -317,3 +336,34 @@ def test_variant_names_and_flag_checks():
                 ["--support-batches", "0"], ["--mode", "ft", "--inner-steps", "1"]):
         with pytest.raises(SystemExit):
             prime.parse_args(["--out", "x", *bad])
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--inner-steps", "1", "--support-batches", "2"], "--inner-steps 1 < the inner loop's 2 batches (--support-batches)"),
+    (["--mode", "reptile", "--inner-scope", "all", "--inner-steps", "2", "--support-batches", "2"],
+     "--inner-steps 2 < the inner loop's 3 batches (--support-batches + the query batch of plain Reptile)"),
+    (["--mode", "reptile", "--inner-scope", "all", "--inner-optimizer", "adamw"], "pass --vocab-rows all"),
+    (["--max-steps", "0"], "--max-steps: '0'"),
+    (["--support-size", "0"], "--support-size: '0'"), (["--query-size", "0"], "--query-size: '0'"),
+    (["--pe", "lora", "--lora-rank", "0"], "--lora-rank 0: must be >= 1"), (["--adapter-dim", "0"], "--adapter-dim 0: must be >= 1"),
+])
+def test_flags_that_leave_data_unused_or_sizes_empty_are_refused_in_one_line(flags, says, capsys):
+    """Support batches (or plain Reptile's query batch) that S steps would never reach, a --vocab-rows used that would
+    not be exact, and empty sizes: refused at parse time, not run or crashed."""
+    with pytest.raises(SystemExit) as e:
+        prime.parse_args(["--out", "x", *flags])
+    assert e.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
+    prime.parse_args(["--out", "x", "--mode", "reptile", "--inner-scope", "all", "--inner-optimizer", "adamw", "--vocab-rows", "all"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_second_order_primes_under_bf16_through_the_body(tiny_nodrop_dir, tmp_path, method):
+    """--meta-grad second with the inner loop through the body (LoRA, BitFit; the adapter with --inner-scope all) under
+    bf16 autocast: finite losses (torch.func.grad failed there with the math attention kernel)."""
+    out = str(tmp_path / method)
+    prime.main(prime.parse_args(["--model", tiny_nodrop_dir, "--synthetic", "--train-size", "16", "--support-size", "4",
+                                 "--query-size", "4", "--max-steps", "2", "--max-len", "32", "--device", "cpu", "--bf16",
+                                 "--meta-grad", "second", "--pe", method, "--out", out]
+                                + (["--inner-scope", "all"] if method == "adapter" else [])))
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)

@@ -168,3 +168,25 @@ def test_pe_flags_that_would_be_ignored_are_refused_in_one_line(tmp_path, capsys
     assert e.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
     if script == "finetune":  # the primed value itself is fine
         assert parse(["--setting", "4", "--adapter-dim", "8"] + common).adapter_dim == 8
+
+
+def test_lora_targets_the_body_lacks_are_refused_by_name(tiny_dir):
+    for targets in (["query", "valeu"], ["LayerNorm"]):  # a typo beside a real name; a layer that is not linear
+        with pytest.raises(model.ModelError, match=f"--lora-targets {targets[-1]}: no linear layer .* key query value"):
+            load_tagger(tiny_dir, data.LABELS, pe_config=pe.config("lora", lora_targets=targets))
+
+
+def test_an_interrupted_peft_export_leaves_no_complete_checkpoint(tiny_nodrop_dir, tmp_path, monkeypatch):
+    """checkpoint.json marks a complete priming: it is written after the peft export, so a run killed while exporting
+    is primed again by the same command, not reported as done without its peft directories."""
+    argv = ["--model", tiny_nodrop_dir, "--synthetic", "--train-size", "64", "--support-size", "8", "--query-size", "8",
+            "--max-steps", "1", "--out", str(tmp_path), "--device", "cpu", "--pe", "lora"]
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pe, "export_peft", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prime.main(prime.parse_args(argv))
+    assert not (tmp_path / "checkpoint.json").exists()
+    monkeypatch.undo()
+    prime.main(prime.parse_args(argv))
+    assert (tmp_path / "checkpoint.json").exists() and (tmp_path / "peft-lora" / "adapter_model.safetensors").exists()

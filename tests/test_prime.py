@@ -147,7 +147,8 @@ def test_prime_script_runs_each_variant(tiny_nodrop_dir, tmp_path, name):
 def test_prime_script_writes_checkpoint_config_and_log(tiny_dir, tmp_path):
     out = str(tmp_path / "primed")
     prime.main(prime.parse_args(["--model", tiny_dir, "--synthetic", "--train-size", "64", "--support-size", "8",
-                                 "--query-size", "8", "--epochs", "2", "--out", out, "--device", "cpu", "--warmup-ratio", "0.25"]))
+                                 "--query-size", "8", "--epochs", "2", "--out", out, "--device", "cpu", "--warmup-ratio", "0.25",
+                                 "--max-steps", "100"]))  # stops after 2 epochs, the first of the two limits
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     assert [r["step"] for r in log] == list(range(1, 9))  # 64 // 16 = 4 steps per epoch, 2 epochs
