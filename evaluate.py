@@ -215,9 +215,9 @@ def curve_cells(run_dir):
             if "test_f1" not in r or "sizes" not in r:
                 continue
             key = (int(r["setting"]), r["lang"], r["sizes"]["train"], r["seed"])
-            if key in where and where[key][0] and not is_full:
+            if key in where and where[key][0] and not is_full:  # a --curve repeat of the full-size run
                 continue
-            if key in where and where[key][1] != os.path.dirname(path):
+            if where.get(key, (None, os.path.dirname(path)))[1] != os.path.dirname(path):
                 raise EvalError(f"two runs of setting {key[0]} {key[1]} on {key[2]} sentences, seed {key[3]}: "
                                 f"{where[key][1]} and {os.path.dirname(path)}")
             where[key] = (is_full, os.path.dirname(path))
@@ -377,10 +377,11 @@ def sweep(run_dir):
     its setting has, or with a diverged run, gets no average and no star. Writes sweep.md and returns it."""
     rows = []
     for name in sorted(os.listdir(run_dir)):
+        records = runs(os.path.join(run_dir, name))
         found = {(r["lang"], r["seed"]): r if path.endswith("result.json") else None  # None: diverged
-                 for path, r in runs(os.path.join(run_dir, name)).items()}  # (a result wins over a divergence marker)
+                 for path, r in records.items()}  # (a result wins over a divergence marker)
         if found:
-            rows.append(({r["setting"] for r in runs(os.path.join(run_dir, name)).values()}.pop(), name, found))
+            rows.append(({r["setting"] for r in records.values()}.pop(), name, found))
     wanted = {}
     for setting, _, found in rows:
         wanted.setdefault(setting, set()).update(found)
@@ -463,9 +464,9 @@ def compare(columns):
             name = setting_name(s, methods.pop())
         elif s >= 3:
             name = "PE tuning" if s == 3 else name.replace("-> AT", "-> PE")
-        paper = PAPER[s]
-        paper = (f"{statistics.mean(paper[t] for t in targets.pop()):.2f}" if name == SETTINGS[s] and len(targets) == 1
-                 and all(t in paper for t in next(iter(targets))) else "-")
+        langs = targets.pop() if len(targets) == 1 else ()
+        paper = (f"{statistics.mean(PAPER[s][t] for t in langs):.2f}"
+                 if name == SETTINGS[s] and langs and all(t in PAPER[s] for t in langs) else "-")
         md.append(f"| {s} | {name} | {paper} | " + " | ".join(cells) + " |")
     return "\n".join(md)
 

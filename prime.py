@@ -86,15 +86,15 @@ def parse_args(argv=None):
         return args
     if args.meta_grad == "second" and (args.inner_optimizer != "sgd" or args.mode != "meta"):
         p.error("--meta-grad second differentiates through SGD steps: it needs --inner-optimizer sgd and --mode meta")
-    batches = args.support_batches + (args.mode == "reptile" and args.inner_scope == "all")  # plain Reptile: + the query
-    if args.inner_steps < batches:
-        p.error(f"--inner-steps {args.inner_steps} < the inner loop's {batches} batches (--support-batches"
-                f"{' + the query batch of plain Reptile' if batches > args.support_batches else ''}): the steps take them in "
-                "turn, so some would never be used")
-    if args.mode == "reptile" and args.inner_scope == "all" and args.inner_optimizer == "adamw":
-        if args.vocab_rows == "used":  # AdamW's weight decay moves every row in the inner loop, and theta - phi carries it
-            p.error("--vocab-rows used is not exact for plain Reptile with --inner-optimizer adamw (its inner weight decay "
-                    "moves the unused embedding rows too): pass --vocab-rows all")
+    plain_reptile = args.mode == "reptile" and args.inner_scope == "all"  # its inner loop also trains on the query
+    if args.inner_steps < args.support_batches + plain_reptile:
+        p.error(f"--inner-steps {args.inner_steps} < the inner loop's {args.support_batches + plain_reptile} batches "
+                f"(--support-batches{' + the query batch of plain Reptile' if plain_reptile else ''}): the steps take them "
+                "in turn, so some would never be used")
+    if plain_reptile and args.inner_optimizer == "adamw" and args.vocab_rows == "used":
+        # AdamW's weight decay moves every row in the inner loop, and theta - phi carries it
+        p.error("--vocab-rows used is not exact for plain Reptile with --inner-optimizer adamw (its inner weight decay "
+                "moves the unused embedding rows too): pass --vocab-rows all")
     through_body = args.inner_scope == "all" or args.pe != "adapter"
     if through_body and args.support_pass == "cached":
         why = "--inner-scope all" if args.inner_scope == "all" else f"--pe {args.pe}"
