@@ -23,6 +23,7 @@
 Each time is the min and median of --repeats runs.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -44,7 +45,14 @@ from model import (PACKAGED_MINILM, body_output, group_of, in_groups, load_tagge
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def naive_meta_gradients(model, tasks, pad_id, steps, lr, scope="pe", device=None):
+def fwd_bwd(model, batch, amp=contextlib.nullcontext):
+    """A forward+backward through the whole model; amp() wraps the forward pass only, as in prime.py and finetune.py."""
+    with amp():
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    tagging_loss(logits, batch["labels"]).backward()
+
+
+def naive_meta_gradients(model, tasks, pad_id, steps, lr, scope="pe", device=None, amp=contextlib.nullcontext):
     """Textbook first-order MAML: a deep copy of the model per task, S optimizer steps of full
     forward+backward passes, the query gradient of the copy summed into the original's .grad.
     Returns the first task's adapted head (the reference for tests/test_prime.py)."""
@@ -56,10 +64,10 @@ def naive_meta_gradients(model, tasks, pad_id, steps, lr, scope="pe", device=Non
         s, q = collate(support, pad_id, device), collate(query, pad_id, device)
         for _ in range(steps):
             sgd.zero_grad()
-            tagging_loss(m(s["input_ids"], s["attention_mask"]), s["labels"]).backward()
+            fwd_bwd(m, s, amp)
             sgd.step()
         m.zero_grad()
-        tagging_loss(m(q["input_ids"], q["attention_mask"]), q["labels"]).backward()
+        fwd_bwd(m, q, amp)
         for (n, p), c in zip(model.named_parameters(), m.parameters()):
             if group_of(n) != "head":
                 p.grad = c.grad if p.grad is None else p.grad + c.grad
@@ -68,13 +76,13 @@ def naive_meta_gradients(model, tasks, pad_id, steps, lr, scope="pe", device=Non
     return first_head
 
 
-def limit_gradients(model, tasks, pad_id, device=None):
+def limit_gradients(model, tasks, pad_id, device=None, amp=contextlib.nullcontext):
     """The least a frozen-body first-order step must do: no-grad body on support, fwd+bwd on query."""
     for support, query in tasks:
         s, q = collate(support, pad_id, device), collate(query, pad_id, device)
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             model.features(s["input_ids"], s["attention_mask"])
-        tagging_loss(model(q["input_ids"], q["attention_mask"]), q["labels"]).backward()
+        fwd_bwd(model, q, amp)
 
 
 def timed(fn, device):
@@ -104,20 +112,31 @@ def source_data(args, tokenizer):
                          args.word_position) for lang in ("en", "es")}
 
 
+def amp_of(args):
+    """prime.py's context for forward passes through the body (--bf16: bf16 autocast); meta.py keeps adapter+head on
+    cached body outputs and backward passes outside it."""
+    return lambda: precision(args.device, args.bf16)
+
+
+def where(args):
+    return args.device + (" bf16" if args.bf16 else "")
+
+
 def bench_priming(args, model, tokenizer):
-    print(f"1. meta-step at S={args.inner_steps}, 2 tasks x ({args.task_size} support + {args.task_size} query), "
-          f"{args.device}{' bf16' if args.bf16 else ''}")
-    pad = tokenizer.pad_token_id
+    print(f"1. meta-step at S={args.inner_steps}, 2 tasks x ({args.task_size} support + {args.task_size} query), {where(args)}")
+    pad, amp = tokenizer.pad_token_id, amp_of(args)
     metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:args.repeats + 1]
     inner = list(named_group_params(model, meta.INNER_GROUPS["pe"]))
     every = list(named_group_params(model, meta.INNER_GROUPS["all"]))
-    runs = {"ours (cached support pass)": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device),
-            "naive (deepcopy, S full fwd+bwd)": lambda t: naive_meta_gradients(model, t, pad, args.inner_steps, 0.03, device=args.device),
-            "limit (support fwd + query fwd+bwd)": lambda t: limit_gradients(model, t, pad, args.device),
+    runs = {"ours (cached support pass)": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device,
+                                                                        amp=amp),
+            "naive (deepcopy, S full fwd+bwd)": lambda t: naive_meta_gradients(model, t, pad, args.inner_steps, 0.03,
+                                                                               device=args.device, amp=amp),
+            "limit (support fwd + query fwd+bwd)": lambda t: limit_gradients(model, t, pad, args.device, amp),
             "plain support pass (body at every step)": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03,
-                                                                                       args.device, support_pass="plain"),
+                                                                                       args.device, support_pass="plain", amp=amp),
             "MAML loop (--inner-scope all), for reference": lambda t: meta.meta_gradients(model, t, pad, every, args.inner_steps,
-                                                                                            0.03, args.device)}
+                                                                                            0.03, args.device, amp=amp)}
     times = {name: [] for name in runs}
     optimizer = torch.optim.AdamW(named_group_params(model, ("body", "adapter")).values(), lr=5e-5)
     adamw = []
@@ -125,8 +144,7 @@ def bench_priming(args, model, tokenizer):
     for k, tasks in enumerate(metas):  # the first meta-batch warms up and is not counted
         for name, run in runs.items():
             model.zero_grad(set_to_none=True)
-            with precision(args.device, args.bf16):
-                t = timed(lambda: run(tasks), args.device)
+            t = timed(lambda: run(tasks), args.device)
             if k:
                 times[name].append(t)
         t = timed(optimizer.step, args.device)
@@ -148,17 +166,16 @@ def profile(model, metas, pad, inner, args):
     fwd+bwd; ours = one no-grad body fwd + S adapter+head steps + one fwd+bwd."""
     parts = {"deepcopy of the model": [], "body forward, no grad": [], "forward+backward, all parameters": [],
              "adapter+head SGD step on cached body output": []}
+    amp = amp_of(args)
     for support in (s for tasks in metas for s, _ in tasks):
         batch = collate(support, pad, args.device)
-        with precision(args.device, args.bf16):
-            parts["deepcopy of the model"].append(timed(lambda: copy.deepcopy(model), args.device))
-            parts["body forward, no grad"].append(timed(lambda: body_output(model, batch, True), args.device))
-            h = body_output(model, batch, True)
-            model.zero_grad(set_to_none=True)
-            parts["forward+backward, all parameters"].append(timed(lambda: tagging_loss(
-                model(batch["input_ids"], batch["attention_mask"]), batch["labels"]).backward(), args.device))
-            parts["adapter+head SGD step on cached body output"].append(
-                timed(lambda: meta.fast_adapt(model, batch, inner, 1, 0.03, h), args.device))
+        parts["deepcopy of the model"].append(timed(lambda: copy.deepcopy(model), args.device))
+        parts["body forward, no grad"].append(timed(lambda: meta.support_features(model, [batch], "cached", amp), args.device))
+        h = meta.support_features(model, [batch], "cached", amp)[0]
+        model.zero_grad(set_to_none=True)
+        parts["forward+backward, all parameters"].append(timed(lambda: fwd_bwd(model, batch, amp), args.device))
+        parts["adapter+head SGD step on cached body output"].append(  # fp32, as meta.py runs it
+            timed(lambda: meta.fast_adapt(model, batch, inner, 1, 0.03, h), args.device))
     print(f"  profile of one task, {len(parts['deepcopy of the model'])} support batches:")
     med = {name: line("  " + name, ts) for name, ts in parts.items()}
     copy_, fwd, fb, top = med.values()
@@ -207,22 +224,22 @@ def bench_finetuning(args, tokenizer):
     return {"at_over_full": at / full, "cached_first_over_full": first / full, "cached_later_over_full": later / full}
 
 
-def pe_limit_gradients(model, tasks, pad, steps, device=None):
+def pe_limit_gradients(model, tasks, pad, steps, device=None, amp=contextlib.nullcontext):
     """The limit of a meta-step for a PE method inside the body: per task (S+1) forward+backward passes that
     compute gradients for the PE parameters (+ head) only."""
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     set_trainable(model, ("pe", "head"))
     for support, query in tasks:
         for batch in [collate(support, pad, device)] * steps + [collate(query, pad, device)]:
-            tagging_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"]).backward()
+            fwd_bwd(model, batch, amp)
     for n, p in model.named_parameters():
         p.requires_grad_(trainable[n])
 
 
 def bench_pe_methods(args):
     """F: a meta-step for each PE method against its limit, on the same meta-batches."""
-    print(f"4. meta-step per PE method at S={args.inner_steps} (first-order, the method + head in the inner loop), {args.device}")
-    out, times = {}, {}
+    print(f"4. meta-step per PE method at S={args.inner_steps} (first-order, the method + head in the inner loop), {where(args)}")
+    out, times, amp = {}, {}, amp_of(args)
     for method in pe.METHODS:
         torch.manual_seed(0)
         model, tokenizer, _ = load_tagger(args.model, LABELS, 0, pe.config(method, 64))
@@ -230,9 +247,9 @@ def bench_pe_methods(args):
         pad = tokenizer.pad_token_id
         metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:args.repeats + 1]
         inner = list(named_group_params(model, meta.INNER_GROUPS["pe"]))
-        runs = {"ours": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device),
-                "limit": lambda t: pe_limit_gradients(model, t, pad, args.inner_steps, args.device),
-                "second": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device,
+        runs = {"ours": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device, amp=amp),
+                "limit": lambda t: pe_limit_gradients(model, t, pad, args.inner_steps, args.device, amp),
+                "second": lambda t: meta.meta_gradients(model, t, pad, inner, args.inner_steps, 0.03, args.device, amp=amp,
                                                         adapt=meta.fast_adapt_second_order)}
         times[method] = {name: [] for name in runs}
         for k, tasks in enumerate(metas):
@@ -256,8 +273,8 @@ def bench_pe_methods(args):
 
 def bench_variants(args, model, tokenizer):
     """G: inner-loop variants (adapter scope, cached support pass) against the paper's S=5 SGD first-order step."""
-    print(f"5. inner-loop variants, meta-step of 2 tasks x ({args.task_size} support + {args.task_size} query), {args.device}")
-    pad = tokenizer.pad_token_id
+    print(f"5. inner-loop variants, meta-step of 2 tasks x ({args.task_size} support + {args.task_size} query), {where(args)}")
+    pad, amp = tokenizer.pad_token_id, amp_of(args)
     metas = list(meta_batches(source_data(args, tokenizer), args.task_size, args.task_size, seed=0))[:args.repeats + 1]
     inner = list(named_group_params(model, meta.INNER_GROUPS["pe"]))
     every = list(named_group_params(model, meta.INNER_GROUPS["all"]))
@@ -274,7 +291,7 @@ def bench_variants(args, model, tokenizer):
             v = dict(v)
             outer, names, steps = v.pop("outer", meta.meta_gradients), v.pop("names", inner), v.pop("steps")
             model.zero_grad(set_to_none=True)
-            t = timed(lambda: outer(model, tasks, pad, names, steps, 0.03, args.device, **v), args.device)
+            t = timed(lambda: outer(model, tasks, pad, names, steps, 0.03, args.device, amp=amp, **v), args.device)
             if k:
                 times[name].append(t)
     base = times["S=5 SGD first-order (paper)"]
@@ -304,16 +321,8 @@ def bench_precision(args):
 
     def full_ft_step(batch, amp):
         adamw.zero_grad(set_to_none=True)
-        with amp():
-            logits = model(batch["input_ids"], batch["attention_mask"])
-        tagging_loss(logits, batch["labels"]).backward()
+        fwd_bwd(model, batch, amp)
         adamw.step()
-
-    def fwd_bwd(batch, amp):
-        model.zero_grad(set_to_none=True)
-        with amp():
-            logits = model(batch["input_ids"], batch["attention_mask"])
-        tagging_loss(logits, batch["labels"]).backward()
 
     def body_pass(batch, amp):
         with amp():
@@ -325,7 +334,7 @@ def bench_precision(args):
 
     cached = [body_output(model, b, dropout=False) for b in small]
     runs = {"body forward, no grad, 128 sentences": lambda k, amp: body_pass(big[k], amp),
-            "forward+backward, 32 sentences": lambda k, amp: fwd_bwd(small[k], amp),
+            "forward+backward, 32 sentences": lambda k, amp: fwd_bwd(model, small[k], amp),
             "meta-step, 2 tasks x (32 + 32)": lambda k, amp: meta.meta_gradients(
                 model, metas[k], pad, inner, args.inner_steps, 0.03, args.device, amp=amp),
             "full fine-tuning step (fwd+bwd+AdamW), 32": lambda k, amp: full_ft_step(small[k], amp),
@@ -364,9 +373,7 @@ def memory_child(args, which):
             prime.prime_step(model, optimizer, schedule, tasks, p_args, pad)
         else:  # one plain fine-tuning step on the first task's query batch (32 sentences)
             optimizer.zero_grad(set_to_none=True)
-            q = collate(tasks[0][1], pad, args.device)
-            with precision(args.device, args.bf16):
-                tagging_loss(model(q["input_ids"], q["attention_mask"]), q["labels"]).backward()
+            fwd_bwd(model, collate(tasks[0][1], pad, args.device), amp_of(args))
             optimizer.step()
 
     step(metas[0])  # warm-up: allocates the AdamW state
@@ -408,7 +415,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=PACKAGED_MINILM)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast where prime.py and finetune.py use it (parts 1-5)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--inner-steps", type=int, default=5)
     p.add_argument("--task-size", type=int, default=32, help="support = query = this many sentences")
@@ -420,13 +427,17 @@ def main():
     p.add_argument("--memory-child", choices=["priming", "fine-tuning"], help=argparse.SUPPRESS)
     add_data_args(p)
     args = p.parse_args()
+    parts = args.parts.split(",")
+    if not set(parts) <= set("123456"):
+        p.error(f"--parts is a comma-separated list of 1-6, not '{args.parts}'")
+    if args.bf16 and "6" in parts:
+        p.error("--bf16 does not apply to part 6, which times fp32 and bf16 side by side: run part 6 without it")
     if not args.data_dir and not args.synthetic and os.path.isdir(os.path.join(HERE, "..", "shared", "wikiann")):
         args.data_dir = os.path.join(HERE, "..", "shared", "wikiann")
     if args.memory_child:
         return memory_child(args, args.memory_child)
-    print(f"bench.py: {args.model} on {args.device}{' bf16' if args.bf16 else ''}, torch {torch.__version__}, "
+    print(f"bench.py: {args.model} on {where(args)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, data {'synthetic' if args.synthetic else portable(args.data_dir) or 'hub'}")
-    parts = args.parts.split(",")
     summary = {}
     if "1" in parts:
         torch.manual_seed(0)

@@ -2,8 +2,9 @@
 
     python evaluate.py runs/mini                          # every result.json below -> table1.md/.csv/.png
     python evaluate.py runs/full                          # + curve.csv/.png when runs/full/curve holds a data-size curve
+                                                          # (+ the recipes of runs/full/recipes.json under the table)
     python evaluate.py --score runs/mini/finetune/s4/hi/seed1/predictions.conll   # re-score one file
-    python evaluate.py --sweep runs/grid                  # one subdirectory per configuration: dev F1 table
+    python evaluate.py --sweep runs/grid                  # each directory holding <lang>/seed<N>/: dev F1 table
     python evaluate.py --spread runs/mini runs/mini-prime2   # the same grid primed with other seeds
     python evaluate.py --priming runs/mini/prime/*        # what priming did: losses, adapter movement
 
@@ -96,11 +97,13 @@ def read_jsonl(path):
 
 def runs(run_dir, curve=False):
     """{path: record} of every result.json and finetune diverged.json under run_dir: those of Table 1, or with
-    `curve` those of the data-size curve (below run_dir/curve/, kept out of Table 1)."""
+    `curve` those of the data-size curve (below run_dir/curve/, kept out of Table 1). The recipe grids' runs
+    (run_dir/recipes/, recipe.py) are never in either."""
     found = {}
     for name in ("diverged.json", "result.json"):
         for path in sorted(glob.glob(os.path.join(run_dir, "**", name), recursive=True)):
-            if (os.path.relpath(path, run_dir).split(os.sep)[0] == "curve") != curve:
+            top = os.path.relpath(path, run_dir).split(os.sep)[0]
+            if top == "recipes" or (top == "curve") != curve:
                 continue
             r = read_json(path)
             if "setting" in r:  # prime.py's diverged.json has no cell
@@ -120,6 +123,8 @@ def collect(run_dir):
             raise EvalError(f"{run_dir} holds two runs of setting {key[0]} {key[1]} seed {key[2]}: {where[key]} and {run}; "
                             "give one grid's directory (e.g. runs/mini, not runs)")
         where[key] = run
+        if path.endswith("result.json") and r.get("test_f1") is None:
+            raise EvalError(f"{run} was run with --no-test (a recipe grid's run): it has no test F1 for a table")
         if path.endswith("result.json") or key not in cells.get(key[:2], {}):  # a result wins over a divergence marker
             cells.setdefault(key[:2], {})[key[2]] = r.get("test_f1")
     return cells
@@ -234,8 +239,8 @@ def runs_keys(run_dir):
 
 def curve(run_dir):
     """Writes run_dir/curve.csv (setting, lang, training sentences, mean, std, seeds; "avg": the targets' average per
-    seed, at each size step, where every target has it) and curve.png: test F1 against training sentences (log scale),
-    one panel per target and one for the average, mean ± std bands over seeds, the paper's full-data mBERT F1 as a
+    seed, at each size step where every target has it in a shared seed) and curve.png: test F1 against training
+    sentences (log scale), one panel per target and one for the average, mean ± std bands over seeds, the paper's full-data mBERT F1 as a
     marker at the full size. Returns the CSV rows."""
     cells, full = curve_cells(run_dir)
     if not cells:
@@ -254,8 +259,8 @@ def curve(run_dir):
         steps = [[(s, lang, n) for lang in langs] for n in sorted(shared)]  # the curve's sizes every target has
         steps += [[(s, lang, full.get((s, lang))) for lang in langs]]  # each target's full set
         for keys in steps:  # the average over targets
-            if all(key in cells for key in keys):
-                common = set.intersection(*(set(cells[key]) for key in keys))
+            common = set.intersection(*(set(cells[key]) for key in keys)) if all(key in cells for key in keys) else ()
+            if common:  # a size whose targets share no finished seed (a partial or diverged curve) has no average
                 c = cell([statistics.mean(cells[key][seed] for key in keys) for seed in sorted(common)], None, 0)
                 rows.append([s, "avg", round(statistics.mean(key[2] for key in keys)), c["mean"], c["std"], c["n"]])
     with open(os.path.join(run_dir, "curve.csv.tmp"), "w", newline="") as f:
@@ -310,6 +315,39 @@ def plot_curve(run_dir, rows, settings, panels, langs):
     plt.close(fig)
 
 
+RECIPE_GROUPS = ["full", "head", "adapter", "lora", "bitfit", "inner-lr-meta", "inner-lr-maml", "inner-lr-one-step"]
+
+
+def recipes_report(run_dir):
+    """Markdown lines on run_dir/recipes.json (how each fine-tuning group's lr and epochs were chosen on dev F1): the
+    rule, then one row per group: its settings, the chosen cell and its dev F1, the best cell, the cells tried (and
+    the grid's extensions), the targets. [] without a recipes.json; a damaged one is an EvalError naming it."""
+    path = os.path.join(run_dir, "recipes.json")
+    if not os.path.exists(path):
+        return []
+    rec = read_json(path)
+    recipe = lambda c: (f"inner lr {c['inner_lr']:g}, " if "inner_lr" in c else "") + f"lr {c['lr']:g} x {c['epochs']} epochs"
+    try:
+        if rec["version"] != 1:
+            raise ValueError(f"version {rec['version']}, expected 1")
+        groups = rec["groups"]
+        md = ["", f"Recipes chosen on dev F1 ({path}): {rec['rule']}", "",
+              "| group | settings | chosen | its dev F1 | best cell | cells tried | targets |", "|---" * 7 + "|"]
+        for name in [g for g in RECIPE_GROUPS if g in groups] + sorted(set(groups) - set(RECIPE_GROUPS)):
+            g, settings = groups[name], sorted(int(s) for s in groups[name]["settings"])
+            span = len(settings) > 2 and settings == list(range(settings[0], settings[-1] + 1))
+            chosen, best = g.get("chosen"), g.get("best")
+            why = f" ({chosen['why']})" if chosen and chosen.get("why") else ""
+            picked = f"{recipe(chosen)}{why} | {chosen['dev_f1']:.2f}" if chosen else f"grid unfinished ({len(g['cells'])} cells) | -"
+            tried = str(len(g["cells"])) + "".join(f"; {e}" for e in g.get("extensions") or [])
+            md.append(f"| {name} | {f'{settings[0]}-{settings[-1]}' if span else ', '.join(map(str, settings))} | {picked} | "
+                      + (f"{recipe(best)} ({best['dev_f1']:.2f})" if best else "-") + f" | {tried} | {' '.join(g['targets'])}"
+                      + (f" (seed {g['seed']})" if "seed" in g else "") + " |")
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise EvalError(f"{path}: damaged ({type(e).__name__}: {e}); rewrite it or delete it") from None
+    return md
+
+
 def write_reports(run_dir, cols, rows):
     rules = {"first": "its first sub-word", "first-content": "its first sub-word that is not a bare word-boundary marker"}
     scored = " or ".join(f"{rules.get(r, r)} (--word-position {r})" for r in word_positions(run_dir))
@@ -321,6 +359,7 @@ def write_reports(run_dir, cols, rows):
         ns = sorted({c["n"] for col, c in row.items() if col != "avg"})  # "2-3": a partial grid, whose average uses the seeds all targets have
         seeds = f"{ns[0]}-{ns[-1]}" if len(ns) > 1 else ns[0]
         md.append(f"| {s} | {name} | " + " | ".join(fmt_cell(row.get(c)) for c in cols) + f" | {seeds} |")
+    md += recipes_report(run_dir)
     with open(os.path.join(run_dir, "table1.md.tmp"), "w") as f:
         f.write("\n".join(md) + "\n")
     os.replace(os.path.join(run_dir, "table1.md.tmp"), os.path.join(run_dir, "table1.md"))
@@ -371,35 +410,46 @@ def plot(run_dir, cols, rows):
 
 
 def sweep(run_dir):
-    """A hyper-parameter sweep: one row per subdirectory of run_dir (one configuration each), mean dev
-    F1 per target over seeds and its average over targets (test F1 beside it); the best configuration
-    per setting by average dev F1 is starred. A configuration missing a run (target, seed) that another of
-    its setting has, or with a diverged run, gets no average and no star. Writes sweep.md and returns it."""
-    rows = []
-    for name in sorted(os.listdir(run_dir)):
-        records = runs(os.path.join(run_dir, name))
-        found = {(r["lang"], r["seed"]): r if path.endswith("result.json") else None  # None: diverged
-                 for path, r in records.items()}  # (a result wins over a divergence marker)
-        if found:
-            rows.append(({r["setting"] for r in records.values()}.pop(), name, found))
+    """A hyper-parameter sweep: one row per configuration (a directory below run_dir that holds <lang>/seed<N>/ runs,
+    named by its path), mean dev F1 per target over seeds and its average over targets (test F1 beside it); the best
+    configuration per setting and PE method by average dev F1 is starred. A configuration missing a run (target, seed)
+    that another of its group has, or with a diverged run, gets no average and no star; one mixing settings or PE
+    methods is refused. Writes sweep.md and returns it."""
+    configs = {}
+    for path, r in runs(run_dir).items():  # (a result wins over a divergence marker: runs lists it later)
+        parts = os.path.relpath(path, run_dir).split(os.sep)
+        if parts[-3:-1] != [r["lang"], f"seed{r['seed']}"]:
+            raise EvalError(f"{path}: not in a <lang>/seed<N> directory of a configuration (lang {r['lang']}, seed {r['seed']})")
+        group = (int(r["setting"]), (r.get("pe") or {}).get("method") or run_flag(r, "pe", "adapter"))
+        name = os.path.join(*parts[:-3]) if len(parts) > 3 else "."
+        config = configs.setdefault(name, (group, {}))
+        if config[0] != group:
+            raise EvalError(f"{os.path.join(run_dir, name)} mixes settings or PE methods (setting {config[0][0]} "
+                            f"{config[0][1]} and setting {group[0]} {group[1]}); one configuration per directory")
+        config[1][(r["lang"], r["seed"])] = r if path.endswith("result.json") else None  # None: diverged
+    rows = [(group, name, found) for name, (group, found) in sorted(configs.items())]
     wanted = {}
-    for setting, _, found in rows:
-        wanted.setdefault(setting, set()).update(found)
+    for group, _, found in rows:
+        wanted.setdefault(group, set()).update(found)
     table = []
-    for setting, name, found in rows:
+    for group, name, found in rows:
         done = {k: r for k, r in found.items() if r is not None}
         dev = {lang: statistics.mean(r["dev_f1"] for (l, _), r in done.items() if l == lang) for lang, _ in done}
-        complete = set(done) == wanted[setting]
-        test = statistics.mean(r["test_f1"] for r in done.values()) if done else None
-        table.append((setting, name, dev, statistics.mean(dev.values()) if complete else None, test,
+        complete = set(done) == wanted[group]
+        tested = [r["test_f1"] for r in done.values() if r.get("test_f1") is not None]  # --no-test: dev only
+        test = statistics.mean(tested) if tested else None
+        table.append((group, name, dev, statistics.mean(dev.values()) if complete else None, test,
                       {lang for lang, _ in found} - set(dev), len(found) - len(done)))
     langs = sorted({lang for row in rows for lang, _ in row[2]}, key=lambda l: (l not in TARGETS, TARGETS.index(l) if l in TARGETS else l))
-    best = {s: max((r[3] for r in table if r[0] == s and r[3] is not None), default=None) for s in wanted}
-    md = ["Dev F1 per configuration (mean over seeds); * = best average dev F1 of its setting.", "",
+    best = {g: max((r[3] for r in table if r[0] == g and r[3] is not None), default=None) for g in wanted}
+    mixed = {s for s, _ in wanted if sum(s == s2 for s2, _ in wanted) > 1}  # settings tuned with several PE methods
+    md = ["Dev F1 per configuration (mean over seeds); * = best average dev F1 of its setting"
+          + (" and PE method." if mixed else "."), "",
           "| setting | configuration | " + " | ".join(langs) + " | avg dev | avg test |", "|---" * (len(langs) + 4) + "|"]
-    for setting, name, dev, avg, test, failed, diverged in table:
+    for (setting, method), name, dev, avg, test, failed, diverged in table:
         note = f" ({diverged} diverged)" if diverged else "" if avg is not None else " (runs missing)"
-        md.append(f"| {setting} | {name}{' *' if avg is not None and avg == best[setting] else ''}{note} | " + " | ".join(
+        label = f"{setting} {PE_NAMES.get(method, method)}" if setting in mixed else setting
+        md.append(f"| {label} | {name}{' *' if avg is not None and avg == best[(setting, method)] else ''}{note} | " + " | ".join(
             f"{dev[l]:.2f}" if l in dev else "diverged" if l in failed else "-" for l in langs)
                   + f" | {'-' if avg is None else f'{avg:.2f}'} | {'-' if test is None else f'{test:.2f}'} |")
     with open(os.path.join(run_dir, "sweep.md.tmp"), "w") as f:
@@ -522,8 +572,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="directory searched recursively for result.json files")
     p.add_argument("--score", metavar="CONLL", help="score a `token gold pred` predictions file instead")
-    p.add_argument("--sweep", action="store_true", help="RUN_DIR holds one subdirectory per configuration: "
-                                                        "compare their dev F1 (writes RUN_DIR/sweep.md)")
+    p.add_argument("--sweep", action="store_true", help="every directory below RUN_DIR holding <lang>/seed<N>/ runs "
+                                                        "is a configuration: compare their dev F1 (writes RUN_DIR/sweep.md)")
     p.add_argument("--spread", nargs="+", metavar="RUN_DIR", help="the same grid primed with different seeds: "
                                                                   "per-run averages and their spread (printed)")
     p.add_argument("--priming", nargs="+", metavar="PRIME_DIR", help="summarize priming runs (printed)")

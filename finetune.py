@@ -33,12 +33,17 @@ from data import LABELS, DataError, add_data_args, positive_int, batch_indices, 
 from evaluate import SETTINGS, entity_scores, setting_name
 from model import (Diverged, ModelError, add_runtime_args, body_fingerprint, body_output, check_max_len, same_model, decay_unused_rows, in_groups,
                    is_checkpoint, keep_used_rows, load_tagger, named_group_params, portable, precision, priming_identity, read_json,
-                   restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions, write_json, atomic_write, check_same)
+                   read_recipe, restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions, write_json, atomic_write, check_same)
 
 ALIASES = {"full": 1, "ht": 2, "head": 2, "at": 3, "adapter": 3, "meta": 4, "ft-priming": 5, "maml": 6, "one-step": 7}
 TRAINABLE = {1: ("body", "head"), 2: ("head",), **{s: ("pe", "head") for s in range(3, 8)}}  # "pe": the --pe method's
 RECIPES = {"full": {"lr": 5e-5, "epochs": 5}, "pe": {"lr": 1e-3, "epochs": 10}}  # see the docstring
 PRIMING = {4: "meta", 5: "ft", 6: "maml", 7: "one-step"}  # the priming variant each primed setting starts from
+
+
+def recipe_group(setting, pe_method):
+    """The fine-tuning group whose recipe (lr, epochs) a setting uses: full FT, the head, or the PE method (3-7)."""
+    return {1: "full", 2: "head"}.get(setting, pe_method)
 DEFAULT_MODEL = "bert-base-multilingual-cased"
 
 
@@ -63,6 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, nargs="+", default=[1], help="one run per seed")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-5 full FT, 1e-3 head/adapter)")
     p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: 5 full FT, 10 head/adapter)")
+    p.add_argument("--recipe", metavar="RECIPES_JSON", default=None,
+                   help="take --lr and --epochs from the recipe that recipe.py chose on dev F1 for this setting's group "
+                        "(full, head, or the --pe method); refused when it was chosen under other flags")
+    p.add_argument("--no-test", action="store_true",
+                   help="never load or score the test split (recipe.py's grid: a choice made on dev F1 alone); "
+                        "result.json then has no test F1")
     p.add_argument("--min-steps", type=int, default=0,
                    help="train at least this many optimizer steps: the epochs are raised to reach it, so that a small "
                         "training set gets as many updates as a large one (the data-size curve; default 0: off)")
@@ -108,6 +119,15 @@ def parse_args(argv=None):
         p.error(f"--vocab-rows is for setting 1, the only one that trains the embeddings (not setting {args.setting})")
     primed = read_json(os.path.join(args.init, "checkpoint.json")) if args.init and args.setting >= 4 else None
     pe.check_args(p, args, has_pe=args.setting >= 3, primed=(primed or {}).get("pe") if isinstance(primed, dict) else None)
+    if args.recipe:
+        given = [flag for flag, v in (("--lr", args.lr), ("--epochs", args.epochs)) if v is not None]
+        if given:
+            p.error(f"--recipe sets --lr and --epochs: drop {' '.join(given)}, or drop --recipe")
+        try:
+            chosen = read_recipe(args.recipe, recipe_group(args.setting, args.pe), recorded_config(args))
+        except ModelError as e:
+            p.error(str(e))
+        args.lr, args.epochs = float(chosen["lr"]), int(chosen["epochs"])
     recipe = RECIPES["full" if args.setting == 1 else "pe"]
     args.lr = args.lr if args.lr is not None else recipe["lr"]
     args.epochs = args.epochs if args.epochs is not None else recipe["epochs"]
@@ -305,12 +325,14 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches, id
                                   if n.endswith("word_embeddings.full") or n in trainable_names}}
             print(f"s{args.setting} {lang} seed{seed} epoch {epoch}: train loss {train_loss:.4f} dev F1 {dev['f1']:.2f}")
     model.load_state_dict(best["state"], strict=False)
-    test, preds = score(model, data["test"], args, pad_id, caches.get("test"))
-    def write_predictions(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            for ex, pred in zip(data["test"], preds):
-                f.write("".join(f"{t} {g} {p}\n" for t, g, p in zip(ex["tokens"], ex["tags"], pred)) + "\n")
-    atomic_write(os.path.join(out, "predictions.conll"), write_predictions)
+    test = {"f1": None, "precision": None, "recall": None}  # --no-test: the split is never read
+    if "test" in data:
+        test, preds = score(model, data["test"], args, pad_id, caches.get("test"))
+        def write_predictions(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                for ex, pred in zip(data["test"], preds):
+                    f.write("".join(f"{t} {g} {p}\n" for t, g, p in zip(ex["tokens"], ex["tags"], pred)) + "\n")
+        atomic_write(os.path.join(out, "predictions.conll"), write_predictions)
     if args.save_model:
         restore_vocab(model)
         save_checkpoint(out, model, tokenizer, groups, info["base_model"], LABELS,
@@ -323,17 +345,20 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches, id
               "dev_f1": best["f1"], "best_epoch": best["epoch"], "epochs": epochs, "trainable_params": trainable, "total_params": total,
               "trainable_percent": 100 * trainable / total, "pe": model.pe, "base_model": info["base_model"], "init": args.init,
               "sizes": {k: len(v) for k, v in data.items()},
-              "unscored_test_words": unscored_words(data["test"]),
+              "unscored_test_words": unscored_words(data["test"]) if "test" in data else None,
               "config": {**recorded_config(args), "lang": lang, "seed": seed}, "identity": identity or run_identity(args),
               "versions": versions(),
               "wall_time_s": round(time.time() - start, 1)}
     write_json(os.path.join(out, "result.json"), result)  # last: marks the run as done
-    print(f"s{args.setting} {lang} seed{seed}: test F1 {test['f1']:.2f} (dev {best['f1']:.2f}, epoch {best['epoch']})")
+    print(f"s{args.setting} {lang} seed{seed}: " + (f"test F1 {test['f1']:.2f} " if test["f1"] is not None else "")
+          + f"(dev {best['f1']:.2f}, epoch {best['epoch']})")
     return result
 
 
-RUN_IGNORES = ("out", "lang", "seed", "init", "device", "feature_cache", "save_model", "allow_any_priming", "eval_batch_size")
-# flags that do not change a run's numbers (lang and seed are the run's own; init is identified by its priming)
+RUN_IGNORES = ("out", "lang", "seed", "init", "device", "feature_cache", "save_model", "allow_any_priming", "eval_batch_size",
+               "recipe", "no_test")
+# flags that do not change a run's numbers (lang and seed are the run's own; init is identified by its priming; a
+# --recipe by the lr and epochs it gave; --no-test by is_done)
 
 
 def recorded_config(args):
@@ -385,6 +410,9 @@ def is_done(run, args, identity):
         if name == "result.json" and args.save_model and not is_checkpoint(run):
             print(f"finetune.py: {run} has no saved model; redoing that run for --save-model", file=sys.stderr)
             return False
+        if name == "result.json" and record.get("test_f1") is None and not args.no_test:
+            print(f"finetune.py: {run} was run with --no-test; redoing it to score the test split", file=sys.stderr)
+            return False
         return True
     return False
 
@@ -418,7 +446,7 @@ def main(args):
     groups = TRAINABLE[args.setting]
     start_state = {n: t.clone() for n, t in model.state_dict().items() if in_groups(model, n, groups)}
     body_trains = any(n.startswith("body.") for n in named_group_params(model, groups))  # full FT, LoRA, BitFit
-    sizes = {"train": args.train_size, "validation": args.dev_size, "test": args.test_size}
+    sizes = {"train": args.train_size, "validation": args.dev_size, **({} if args.no_test else {"test": args.test_size})}
     diverged, body_key = [], None
     for lang, seeds in runs.items():
         if not seeds:
@@ -434,7 +462,7 @@ def main(args):
                       "(or have no sub-word); they are predicted O and still scored")
         caches = {}
         if not body_trains:  # a frozen body gives the same outputs to every epoch and seed
-            cached = ["validation", "test"] + (["train"] if args.cache_body else [])
+            cached = [split for split in ("validation", "test") if split in data] + (["train"] if args.cache_body else [])
             body_key = body_key or (body_fingerprint(model.body, whole=True) if args.feature_cache else None)
             caches = {split: stored_word_features(model, data[split], args, tokenizer.pad_token_id, body_key, full[split])
                       for split in cached}

@@ -428,7 +428,7 @@ def safetensors_complete(path):
 
 
 # ----------------------------------------------------------------------------- which run made what
-PRIMING_IGNORES = ("out", "resume", "save_every", "device")  # prime.py flags that do not change what it computes
+PRIMING_IGNORES = ("out", "resume", "save_every", "device", "recipe")  # prime.py flags that do not change what it computes
 
 
 def priming_identity(info):
@@ -439,15 +439,45 @@ def priming_identity(info):
     return json.loads(json.dumps({"variant": info.get("variant"), **priming}, default=str))  # as recorded in JSON
 
 
-def check_same(where, what, recorded, identity):
-    """Refuse (ModelError, one line naming the differing flags, '--flag: old -> new') when `where` holds a `what`
-    made with other settings than `identity`."""
+def check_same(where, what, recorded, identity, hint="use another --out, or delete it to redo it"):
+    """Refuse (ModelError, one line naming the differing flags, '--flag: old -> new', then `hint`) when `where` holds
+    a `what` made with other settings than `identity`."""
     missing = "(not recorded)"
     changed = [f"--{k.replace('_', '-')}: {recorded.get(k, missing)} -> {identity.get(k, missing)}"
                for k in sorted(set(recorded) | set(identity)) if recorded.get(k, missing) != identity.get(k, missing)]
     if changed:
         raise ModelError(f"{where} holds a {what} made with other settings ({'; '.join(changed[:4])}"
-                         f"{'; ...' if len(changed) > 4 else ''}); use another --out, or delete it to redo it")
+                         f"{'; ...' if len(changed) > 4 else ''}); {hint}")
+
+
+RECIPE_IGNORES = {"prime": ("seed", "inner_lr", "out", "device", "recipe", "resume", "save_every"),
+                  "finetune": ("setting", "lang", "seed", "lr", "epochs", "init", "out", "device", "no_test", "recipe",
+                               "feature_cache", "save_model", "allow_any_priming", "eval_batch_size", "train_size",
+                               "test_size", "cache_whole_split")}
+# what a recipe may be used with beyond the grid it was chosen on: other priming seeds, settings, targets, fine-tuning
+# seeds, the setting's own lr/epochs/inner lr, and (by design) the data-size curve's smaller training sets; every other
+# flag of the script must match
+
+
+def recipe_flags(config, script="finetune"):
+    """The flags (a script's recorded config) that a recipe chosen under them must be used with (RECIPE_IGNORES)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RECIPE_IGNORES[script]}, default=str))
+
+
+def read_recipe(path, group, config, script="finetune"):
+    """The chosen cell of `group` in a recipes.json written by recipe.py ({"lr", "epochs"[, "inner_lr"], ...}) for a
+    run whose recorded flags are `config`. ModelError (one line) when the file, the group or its choice is missing,
+    or when the group was chosen under other flags (`script`: its finetune.py or prime.py flags) than the run's."""
+    recipes = read_json(path)
+    if not isinstance(recipes, dict) or not isinstance(recipes.get("groups"), dict):
+        raise ModelError(f"--recipe {path}: no recipes.json there, or it is damaged (recipe.py writes one)")
+    found = recipes["groups"].get(group)
+    if not isinstance(found, dict) or not isinstance(found.get("chosen"), dict):
+        raise ModelError(f"--recipe {path} has no chosen recipe for {group!r} (it has: "
+                         f"{', '.join(k for k, g in recipes['groups'].items() if 'chosen' in g) or 'none'}); run its grid first")
+    check_same(f"--recipe {path}", f"{group} recipe", found.get("flags", {}).get(script, {}), recipe_flags(config, script),
+               "choose it again under these flags (run_table1.sh --recipe auto, recipe.py), or give its flags")
+    return found["chosen"]
 
 
 # ----------------------------------------------------------------------------- tiny model

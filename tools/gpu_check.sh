@@ -10,7 +10,9 @@
 #   bash tools/gpu_check.sh --data-dir D --model M --out DIR  # M: any BERT-like model, e.g. bert-base-multilingual-cased
 #   bash tools/gpu_check.sh --random-weights DIR              # no model weights there: DIR holds a config.json and a
 #                                                             # tokenizer (e.g. e5's); random weights of that shape are drawn
-# Logs: OUT/<check>.log (OUT defaults to runs/gpu_check). The slice's F1 is only a sanity check with --random-weights.
+# Logs and runs: OUT/<device>/<check>.log and OUT/<device>/<check>/ (OUT defaults to runs/gpu_check; <device> is the GPU's
+# name, e.g. nvidia-h100-80gb-hbm3, or cpu): finetune.py's run identity leaves the device out, so a rerun on another device
+# must not find the runs made here. The slice's F1 is only a sanity check with --random-weights.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 DATA_DIR= MODEL=multilingual-e5-small OUT=runs/gpu_check RANDOM_FROM= DEVICE=cuda
@@ -26,7 +28,6 @@ done
 for d in "$DATA_DIR" "$HERE/../shared/wikiann" "$HERE/shared/wikiann"; do
   [ -n "$d" ] && [ -d "$d/hi" ] && { DATA_DIR=$d; break; }
 done
-mkdir -p "$OUT"
 FAILED=0
 say() { echo "gpu_check: $*"; }
 took() { echo "$(( $(date +%s) - $1 )) s"; }
@@ -64,7 +65,13 @@ if [ "$GPUS" -eq 0 ] && [ "$DEVICE" = cuda ]; then
   for name in device smoke bench-fp32 bench-bf16 slice slice-bf16 torchrun; do say "$name: skipped (no CUDA GPU here)"; done
   exit 0
 fi
-[ "$DEVICE" != cuda ] || say "device: $(python -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{torch.cuda.device_count()} x {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}')")"
+TAG=cpu
+[ "$DEVICE" = cpu ] || TAG=$(python -c "import sys, torch; print(torch.cuda.get_device_name(sys.argv[1]))" "$DEVICE" 2>/dev/null |
+  tr 'A-Z' 'a-z' | sed 's/[^a-z0-9.]\{1,\}/-/g')
+[ -n "$TAG" ] || { echo "gpu_check.sh: cannot name the device $DEVICE" >&2; exit 2; }
+OUT=$OUT/$TAG
+mkdir -p "$OUT"
+[ "$DEVICE" != cuda ] || say "device: $(python -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{torch.cuda.device_count()} x {p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}')"); outputs in $OUT"
 
 if [ -n "$RANDOM_FROM" ]; then  # a model of that shape with random weights (no weights could travel here)
   MODEL=$OUT/random-model
@@ -96,7 +103,9 @@ else
   check slice-bf16 python "$HERE/finetune.py" --setting 3 --model "$MODEL" "${SLICE[@]}" --lang hi --seed 1 --epochs 2 \
     --bf16 --out "$OUT/slice-bf16/s3"
 fi
-if [ "$GPUS" -ge 2 ]; then
+if [ "$DEVICE" != cuda ]; then
+  say "torchrun: skipped (NCCL: --device cuda only)"
+elif [ "$GPUS" -ge 2 ]; then
   check torchrun python -m torch.distributed.run --standalone --nproc_per_node 2 "$HERE/prime.py" --model "$OUT/smoke/tiny-bert" \
     --synthetic --train-size 96 --support-size 8 --query-size 8 --max-steps 6 --device cuda --out "$OUT/torchrun"
 else
