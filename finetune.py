@@ -124,7 +124,9 @@ def parse_args(argv=None):
         if given:
             p.error(f"--recipe sets --lr and --epochs: drop {' '.join(given)}, or drop --recipe")
         try:
-            chosen = read_recipe(args.recipe, recipe_group(args.setting, args.pe), recorded_config(args))
+            config = recorded_config(args)  # settings 4-7 without --model: the encoder their priming started from
+            config["model"] = args.model or (primed.get("base_model") if isinstance(primed, dict) else None)
+            chosen = read_recipe(args.recipe, recipe_group(args.setting, args.pe), config)
         except ModelError as e:
             p.error(str(e))
         args.lr, args.epochs = float(chosen["lr"]), int(chosen["epochs"])

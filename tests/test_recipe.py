@@ -148,6 +148,16 @@ def test_finetune_recipe_takes_the_chosen_cell_and_refuses_other_flags(tiny_dir,
         args = finetune.parse_args(["--setting", setting, "--lang", "af", "--seed", "2", "--out", "-", "--recipe", recipes,
                                     "--train-size", "10"] + init + flags[:3] + flags[5:])  # the curve's sizes may differ
         assert (args.lr, args.epochs) == (0.02, 3)
+    primed = tmp_path / "primed"  # settings 4-7 without --model: the encoder their checkpoint was primed from
+    primed.mkdir()
+    (primed / "checkpoint.json").write_text(json.dumps({"base_model": tiny_dir, "pe": {"method": "adapter", "dim": 64}}))
+    args = finetune.parse_args(["--setting", "5", "--lang", "hi", "--out", "-", "--recipe", recipes, "--init", str(primed)]
+                               + flags[2:])
+    assert (args.lr, args.epochs) == (0.02, 3)
+    (primed / "checkpoint.json").write_text(json.dumps({"base_model": "other-model", "pe": {"method": "adapter", "dim": 64}}))
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--setting", "5", "--lang", "hi", "--out", "-", "--recipe", recipes, "--init", str(primed)] + flags[2:])
+    assert "--model: " in capsys.readouterr().err
     refused = {"--lr 1e-3": "drop --lr", "--dev-size 30": "dev-size: 20 -> 30", "--pe lora": "no chosen recipe for 'lora'",
                "--word-position first": "word-position"}
     for extra, message in refused.items():

@@ -2,7 +2,8 @@
 # The GPU check: run this first on a machine with a CUDA GPU (issue L). In under 10 minutes on one data-centre GPU it
 # runs what our CPU machines cannot: the smoke grid on CUDA (every script's GPU path, the used-vocabulary-rows lever,
 # settings 1-7), the priming/fine-tuning benchmark on CUDA in fp32 and bf16, a short slice of the paper preset (real
-# WikiAnn, a few hundred meta-steps, settings 3 and 4 on one target, then setting 3 with --bf16), and torchrun with
+# WikiAnn, a few hundred meta-steps, the adapter's recipe chosen on hi's dev F1 by a small --recipe auto grid,
+# settings 3 and 4 on hi with it; then setting 3 with --bf16), and torchrun with
 # NCCL when there are 2+ GPUs. It prints one summary line per check ("gpu_check: NAME: ok|FAILED|skipped ...") and
 # exits 1 if a check failed. Without a GPU every check says "skipped" in one line (the test suite runs it that way).
 #
@@ -50,7 +51,11 @@ EOF
 import glob, json, sys
 for p in sorted(glob.glob(sys.argv[1] + "/**/result.json", recursive=True)):
     r = json.load(open(p))
-    print(f"s{r['setting']} {r['lang']}: test F1 {r['test_f1']:.2f} in {r['wall_time_s']:.0f} s;", end=" ")
+    if r.get("test_f1") is not None:  # the recipe grid's runs are dev-only
+        print(f"s{r['setting']} {r['lang']}: test F1 {r['test_f1']:.2f} in {r['wall_time_s']:.0f} s;", end=" ")
+for p in glob.glob(sys.argv[1] + "/recipes.json"):
+    g = json.load(open(p))["groups"]["adapter"]
+    print(f"recipe lr {g['chosen']['lr']:g} x {g['chosen']['epochs']} ({len(g['cells'])} cells, {g['wall_time_s']:.0f} s);", end=" ")
 for p in glob.glob(sys.argv[1] + "/prime/config.json"):
     c = json.load(open(p))
     print(f"priming {c['steps']} meta-steps in {c.get('wall_time_s', 0):.0f} s")
@@ -93,11 +98,16 @@ if [ -z "$DATA_DIR" ]; then
   say "slice: skipped (no WikiAnn: --data-dir D, or shared/wikiann in the checkout)"
 else
   SLICE=(--data-dir "$DATA_DIR" --device "$DEVICE")
-  slice() {  # the paper preset's defaults, cut to 300 meta-steps and one target; $1: OUT/slice dir, then extra flags
+  slice() {  # the paper preset's path, cut to 300 meta-steps, one target and a small recipe grid; $1: OUT/slice dir
     local dir=$1; shift
+    local ft=(--cache-body --min-steps 1000 --feature-cache "$dir/features")  # as run_table1.sh --preset paper
     python "$HERE/prime.py" --model "$MODEL" "${SLICE[@]}" --max-steps 300 --out "$dir/prime" "$@" &&
-    python "$HERE/finetune.py" --setting 3 --model "$MODEL" "${SLICE[@]}" --lang hi --seed 1 --out "$dir/s3" "$@" &&
-    python "$HERE/finetune.py" --setting 4 --init "$dir/prime" "${SLICE[@]}" --lang hi --seed 1 --out "$dir/s4" "$@"
+    python "$HERE/recipe.py" --group adapter --out "$dir" --targets hi --epochs 5,10 --max-extensions 1 \
+      --finetune-flags "$(printf '%q ' --model "$MODEL" "${SLICE[@]}" "${ft[@]}" "$@")" &&
+    python "$HERE/finetune.py" --setting 3 --model "$MODEL" "${SLICE[@]}" --lang hi --seed 1 --out "$dir/s3" \
+      --recipe "$dir/recipes.json" "${ft[@]}" "$@" &&
+    python "$HERE/finetune.py" --setting 4 --init "$dir/prime" "${SLICE[@]}" --lang hi --seed 1 --out "$dir/s4" \
+      --recipe "$dir/recipes.json" "${ft[@]}" "$@"
   }
   check slice slice "$OUT/slice"
   check slice-bf16 python "$HERE/finetune.py" --setting 3 --model "$MODEL" "${SLICE[@]}" --lang hi --seed 1 --epochs 2 \
