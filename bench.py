@@ -20,7 +20,8 @@
    Reptile (issue G). Run: python bench.py --parts 4,5 --repeats 3
 6. fp32 against bf16 autocast, side by side (issue I): body forward, forward+backward, meta-step, full fine-tuning
    step, adapter step on cached outputs. Run: python bench.py --parts 6 --model multilingual-e5-small
-Each time is the min and median of --repeats runs.
+Each time is the min and median of --repeats runs. (One concern at ~460 lines: six side-by-side measurements sharing
+their timing, data and model helpers; each part is a function of its own.)
 """
 import argparse
 import contextlib
@@ -432,6 +433,8 @@ def main():
         p.error(f"--parts is a comma-separated list of 1-6, not '{args.parts}'")
     if args.bf16 and "6" in parts:
         p.error("--bf16 does not apply to part 6, which times fp32 and bf16 side by side: run part 6 without it")
+    if args.task != "ner":
+        p.error(f"--task {args.task}: bench.py times NER batches (a task changes only the head's size and the data)")
     if not args.data_dir and not args.synthetic and os.path.isdir(os.path.join(HERE, "..", "shared", "wikiann")):
         args.data_dir = os.path.join(HERE, "..", "shared", "wikiann")
     if args.memory_child:

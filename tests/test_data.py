@@ -6,7 +6,9 @@ import sys
 import pytest
 
 import data
-from data import LABEL2ID
+from data import LABELS
+
+LABEL2ID = {tag: i for i, tag in enumerate(LABELS)}
 
 
 def write(path, text, mode="w"):

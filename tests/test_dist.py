@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import model
 import prime
 from conftest import ROOT
@@ -53,7 +54,7 @@ def test_two_processes_end_with_the_one_process_parameters(tiny_nodrop_dir, tmp_
     assert a.keys() == b.keys() and {k.split(".")[0] for k in a} == {"body", "adapter", "head"}
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
-    initial = model.load_tagger(tiny_nodrop_dir, prime.LABELS)[0].state_dict()
+    initial = model.load_tagger(tiny_nodrop_dir, data.LABELS)[0].state_dict()
     assert not torch.allclose(a["body.encoder.layer.0.output.dense.weight"], initial["body.encoder.layer.0.output.dense.weight"])
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # no resume.pt, no stray files from rank 1
     logs = log_lines(one), log_lines(two)

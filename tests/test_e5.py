@@ -126,7 +126,7 @@ def test_word_alignment(loaded):
         word_ids = tok(words, is_split_into_words=True).word_ids()
         firsts = [(p, w) for p, w in enumerate(word_ids) if w is not None and w != word_ids[p - 1]]
         assert ex["first"] == firsts
-        assert [ex["labels"][p] for p, _ in firsts] == [data.LABEL2ID[tags[w]] for _, w in firsts]
+        assert [ex["labels"][p] for p, _ in firsts] == [data.LABELS.index(tags[w]) for _, w in firsts]
         assert sum(label != -100 for label in ex["labels"]) == len(firsts)
         pieces = tok.convert_ids_to_tokens(ex["input_ids"])
         expected = []  # the word's first piece that is not a lone U+2581, else its first piece
@@ -134,7 +134,7 @@ def test_word_alignment(loaded):
             own = [q for q, v in enumerate(word_ids) if v == w]
             expected.append((next((q for q in own if pieces[q] != "\u2581"), p), w))
         assert new["first"] == expected and new["input_ids"] == ex["input_ids"]
-        assert [new["labels"][p] for p, _ in expected] == [data.LABEL2ID[tags[w]] for _, w in expected]
+        assert [new["labels"][p] for p, _ in expected] == [data.LABELS.index(tags[w]) for _, w in expected]
         moved += sum(a != b for a, b in zip(firsts, expected))
     assert moved > 0  # some of these words do start with a bare marker
     assert [w for _, w in examples[0]["first"]] == list(range(6))  # every ordinary word is scored

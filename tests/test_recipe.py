@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cell(lr, epochs, f1):
-    return {"lr": lr, "epochs": epochs, "dev_f1": f1}
+    return {"lr": lr, "epochs": epochs, "dev": f1}
 
 
 def test_ladder_steps_one_rung_of_1_3_10():
@@ -43,7 +43,7 @@ def test_choose_takes_the_cheapest_within_the_tolerance_and_breaks_ties():
 
 
 def test_choose_inner_lr_keeps_the_papers_alpha_within_the_tolerance():
-    alphas = lambda *pairs: [{"inner_lr": a, "dev_f1": f} for a, f in pairs]
+    alphas = lambda *pairs: [{"inner_lr": a, "dev": f} for a, f in pairs]
     assert recipe.choose(alphas((0.01, 60.3), (0.03, 60.0), (0.1, 55.0)), 0.5, alpha=True)[1]["inner_lr"] == 0.03
     assert recipe.choose(alphas((0.01, 60.6), (0.03, 60.0), (0.1, 55.0)), 0.5, alpha=True)[1]["inner_lr"] == 0.01
     assert recipe.choose(alphas((0.01, 60.0), (0.1, 60.0)), 0.5, alpha=True)[1]["inner_lr"] == 0.01  # no 0.03: best, smaller
@@ -116,7 +116,7 @@ def test_grid_on_the_tiny_bert_never_reads_a_test_file_and_resumes(tiny_dir, dev
                               "--epochs", "1", "--max-extensions", "1", "--finetune-flags", flags])
     record = recipe.run_group(args, "adapter")
     assert {(c["lr"], c["epochs"]) for c in record["cells"]} >= {(1e-2, 1), (3e-2, 1)}
-    assert all(set(c["per_target"]) == {"hi", "af"} and c["dev_f1"] is not None for c in record["cells"])
+    assert all(set(c["per_target"]) == {"hi", "af"} and c["dev_f1"] == c["dev"] is not None for c in record["cells"])
     result = json.load(open(tmp_path / "recipes" / "adapter" / "lr0.01-ep1" / "hi" / "seed1" / "result.json"))
     assert result["test_f1"] is None and result["config"]["no_test"] and result["pe"]["method"] == "adapter"
     with pytest.raises(data.DataError, match="no test"):  # the check has teeth: a scored run needs the test file

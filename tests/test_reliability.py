@@ -109,7 +109,7 @@ class FirstPieceTagger(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, features=None):
         logits = torch.zeros(*input_ids.shape, len(data.LABELS))
-        logits[..., data.LABEL2ID["B-PER"]] = 10.0 * (input_ids == self.name_id)
+        logits[..., data.LABELS.index("B-PER")] = 10.0 * (input_ids == self.name_id)
         return logits
 
 
