@@ -188,25 +188,6 @@ def run_sh(*flags):
     return subprocess.run(["bash", os.path.join(ROOT, "run_table1.sh"), *flags], capture_output=True, text=True)
 
 
-def test_run_table1_recipe_auto_smoke_end_to_end(tmp_path):
-    """--preset smoke --recipe auto: OUT/recipes.json holds each group's every cell and its choice, the table the
-    settings made with it, and the recipes printed under it (resume: test_grid_on_the_tiny_bert_...)."""
-    out = tmp_path / "smoke"
-    r = run_sh("--preset", "smoke", "--recipe", "auto", "--settings", "2,3", "--targets", "hi,af", "--recipe-targets", "1",
-               "--out", str(out))
-    assert r.returncode == 0, r.stderr[-2000:]
-    recipes = json.load(open(out / "recipes.json"))
-    assert set(recipes["groups"]) == {"head", "adapter"}
-    for name, group in recipes["groups"].items():
-        assert len(group["cells"]) >= 4 and all({"lr", "epochs", "dev_f1"} <= set(c) for c in group["cells"])
-        assert {"lr", "epochs"} <= set(group["chosen"]) and group["targets"] == ["hi"]  # the first K=1
-        setting = 2 if name == "head" else 3
-        result = json.load(open(out / "finetune" / f"s{setting}" / "af" / "seed1" / "result.json"))
-        assert (result["config"]["lr"], result["config"]["epochs"]) == (group["chosen"]["lr"], group["chosen"]["epochs"])
-        assert result["test_f1"] is not None
-    table = (out / "table1.md").read_text()
-    assert "| 2 | HT |" in table and "Recipes chosen on dev F1" in table and "| adapter | 3-7 |" in table
-
 
 def test_run_table1_paper_dry_run_prints_the_recipe_step():
     r = run_sh("--preset", "paper", "--dry-run", "--out", "runs/x", "--settings", "1,2,4")

@@ -102,15 +102,3 @@ def test_the_docs_example_of_a_users_own_tags_runs(tiny_dir, tmp_path):
     result = json.load(open(tmp_path / "example" / "s3" / "xx" / "seed1" / "result.json"))
     assert result["metric"] == "f1" and result["task"].endswith("docs/example-task/tags.txt") and "test_f1" in result
     assert "| 3 | AT | " in (tmp_path / "example" / "table1.md").read_text()
-
-
-def test_run_table1_pos_smoke_end_to_end(tmp_path, tiny_dir):
-    out = tmp_path / "pos"
-    r = subprocess.run(["bash", os.path.join(ROOT, "run_table1.sh"), "--task", "pos", "--preset", "smoke", "--settings", "4",
-                        "--targets", "hi,af", "--recipe", "preset", "--model", tiny_dir, "--out", str(out)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    table = (out / "table1.md").read_text()
-    assert table.startswith("Test token accuracy (--task pos)") and "| 4 | Meta Priming -> AT |" in table
-    assert "(77.42" not in table  # no paper value: the paper's numbers are NER F1
-    assert json.load(open(out / "prime" / "meta" / "checkpoint.json"))["priming"]["task"] == "pos"
-    assert "mean_accuracy" in (out / "table1.csv").read_text().splitlines()[0]
