@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def fwd_bwd(model, batch, amp=contextlib.nullcontext):
     """A forward+backward through the whole model; amp() wraps the forward pass only, as in prime.py and finetune.py."""
     with amp():
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("pool"))
     tagging_loss(logits, batch["labels"]).backward()
 
 
@@ -82,7 +82,7 @@ def limit_gradients(model, tasks, pad_id, device=None, amp=contextlib.nullcontex
     for support, query in tasks:
         s, q = collate(support, pad_id, device), collate(query, pad_id, device)
         with torch.no_grad(), amp():
-            model.features(s["input_ids"], s["attention_mask"])
+            model.features(s["input_ids"], s["attention_mask"], s.get("pool"))
         fwd_bwd(model, q, amp)
 
 

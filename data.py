@@ -119,7 +119,7 @@ def load_split(lang, split, data_dir=None, synthetic=False, limit=None, task=NER
 
 
 # ----------------------------------------------------------------------------- tokenization
-WORD_POSITIONS = ("first-content", "first")
+WORD_POSITIONS = ("first-content", "first", "mean")
 
 
 def bare_marker_ids(tokenizer, ids):
@@ -135,7 +135,9 @@ def encode(sentences, tokenizer, max_len, word_position="first-content", labels=
     word_position "first": the word's first sub-word. "first-content" (default): its first sub-word that is not
     a bare word-boundary marker; a SentencePiece tokenizer splits a word given alone into "▁" + its
     characters when no piece starts with them, and the bare "▁" knows nothing of the word. A word that is
-    only a marker (inside max_len) keeps it. With WordPiece both rules give the same positions.
+    only a marker (inside max_len) keeps it. With WordPiece both rules give the same positions. "mean": the word is
+    scored on the mean of ALL its sub-words' body outputs, held at its first-content position (ex["pieces"]: each
+    scored word's positions, in the order of ex["first"]; collate turns them into a pooling matrix).
     Words with no sub-word inside `max_len` (long sentences, or words the tokenizer drops) are
     kept in `words`/`tags`: prediction fills them with the first tag (O in NER) so they still count in the metric.
     `labels`: the task's tags; a tag's id is its index."""
@@ -144,7 +146,7 @@ def encode(sentences, tokenizer, max_len, word_position="first-content", labels=
         raise ValueError(f"word_position is one of {WORD_POSITIONS}, not {word_position!r}")
     enc = tokenizer([tokens for tokens, _ in sentences], is_split_into_words=True,
                     truncation=True, max_length=max_len)
-    bare = bare_marker_ids(tokenizer, {i for ids in enc["input_ids"] for i in ids}) if word_position == "first-content" else set()
+    bare = bare_marker_ids(tokenizer, {i for ids in enc["input_ids"] for i in ids}) if word_position != "first" else set()
     examples = []
     for i, (tokens, tags) in enumerate(sentences):
         ids, pieces = enc["input_ids"][i], {}  # word -> its sub-word positions
@@ -157,6 +159,8 @@ def encode(sentences, tokenizer, max_len, word_position="first-content", labels=
             labels[pos] = label2id[tags[w]]
             first.append((pos, w))
         examples.append({"input_ids": ids, "labels": labels, "first": first, "tokens": tokens, "tags": tags})
+        if word_position == "mean":
+            examples[-1]["pieces"] = [pieces[w] for _, w in first]
     return examples
 
 
@@ -185,7 +189,15 @@ def collate(examples, pad_id, device=None):
         ids[i, :n] = torch.tensor(ex["input_ids"])
         labels[i, :n] = torch.tensor(ex["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    if "pieces" in examples[0]:  # --word-position mean: row p of pool averages the sub-words of the word scored at p
+        pool = torch.eye(width).repeat(len(examples), 1, 1)
+        for i, ex in enumerate(examples):
+            for (pos, _), positions in zip(ex["first"], ex["pieces"]):
+                pool[i, pos] = 0.0
+                pool[i, pos, positions] = 1.0 / len(positions)
+        batch["pool"] = pool.to(device)
+    return batch
 
 
 def batch_indices(examples, batch_size, shuffle=False, seed=0):
@@ -323,7 +335,8 @@ def add_data_args(parser):
     g.add_argument("--word-position", choices=WORD_POSITIONS, default="first-content",
                    help="the sub-word that labels and classifies a word: its first one that is not a bare word-boundary "
                         "marker (first-content; SentencePiece's lone \u2581), or its first one (first: the rule before "
-                        "issue N). Identical for WordPiece vocabularies such as mBERT's")
+                        "issue N; both identical for WordPiece vocabularies such as mBERT's), or the mean of all its "
+                        "sub-words' body outputs (mean)")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def stored_word_features(model, examples, args, pad_id, body_key, full=None):
     full = full if full is not None else examples
     assert full[:len(examples)] == examples, "the cached split must start with the run's examples"
     key = hashlib.sha1(json.dumps([FEATURE_CACHE_VERSION, body_key, args.max_len, bool(args.bf16),
-                                   [(ex["input_ids"], ex["labels"]) for ex in full]]).encode()).hexdigest()
+                                   [(ex["input_ids"], ex["labels"], *([ex["pieces"]] if "pieces" in ex else [])) for ex in full]]).encode()).hexdigest()
     path = os.path.join(args.feature_cache, key[:20] + ".pt")
     cache = None
     if os.path.isfile(path):

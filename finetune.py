@@ -191,7 +191,7 @@ def predict(model, examples, pad_id, batch_size=128, bf16=False, cache=None, lab
         if cache is None:
             batch = collate([examples[i] for i in idx], pad_id, device)
             with precision(device, bf16):
-                best = model(batch["input_ids"], batch["attention_mask"]).argmax(-1).tolist()
+                best = model(batch["input_ids"], batch["attention_mask"], batch.get("pool")).argmax(-1).tolist()
             rows = [[best[row][pos] for pos, _ in examples[i]["first"]] for row, i in enumerate(idx)]
         else:  # adapter+head on the cached body outputs, in fp32
             best = model(features=torch.cat([cache["features"][i] for i in idx]).float()).argmax(-1).tolist()
@@ -223,7 +223,7 @@ def batch_loss(model, examples, idx, args, pad_id, frozen_body, cache=None):
         logits = model(features=h.float())
     else:
         with precision(args.device, args.bf16):
-            logits = model(batch["input_ids"], batch["attention_mask"])
+            logits = model(batch["input_ids"], batch["attention_mask"], batch.get("pool"))
     return tagging_loss(logits, batch["labels"])
 
 

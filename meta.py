@@ -63,7 +63,7 @@ def meta_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None, su
         fast, support_losses = adapt(model, supports, inner_names, steps, lr, features_of(supports), inner_amp,
                                      fresh_head(model) if inner_head == "fresh" else None)
         with amp():
-            logits = functional_call(model, fast, (query["input_ids"], query["attention_mask"]))
+            logits = functional_call(model, fast, (query["input_ids"], query["attention_mask"], query.get("pool")))
         query_loss = tagging_loss(logits, query["labels"])
         query_loss.backward()  # body (if not in fast) gets its gradient directly; the fast copies get theirs
         for n, w in fast.items():
@@ -92,7 +92,7 @@ def inner_batches(support, features, steps):
     for k in range(steps):
         i = k % len(support)
         inputs = ((), {"features": features[i]}) if features is not None else \
-            ((support[i]["input_ids"], support[i]["attention_mask"]), {})
+            ((support[i]["input_ids"], support[i]["attention_mask"], support[i].get("pool")), {})
         yield inputs, support[i]["labels"]
 
 
@@ -174,7 +174,7 @@ def support_features(model, supports, support_pass, amp, with_graph=False):
     dropout = support_pass == "cached"
     if with_graph:  # second order: the inner loop's result depends on the body through these
         with amp(), (contextlib.nullcontext() if dropout else eval_mode(model.body)):
-            return [model.features(s["input_ids"], s["attention_mask"]).float() for s in supports]
+            return [model.features(s["input_ids"], s["attention_mask"], s.get("pool")).float() for s in supports]
     with amp():
         return [body_output(model, s, dropout=dropout).float() for s in supports]
 
@@ -244,7 +244,8 @@ def reptile_gradients(model, tasks, pad_id, inner_names, steps, lr, device=None,
         stat = {"support_loss": losses}
         if not plain:  # the body's first-order query gradient (adapted copies held fixed)
             with amp():
-                logits = functional_call(model, {n: w.detach() for n, w in fast.items()}, (query["input_ids"], query["attention_mask"]))
+                logits = functional_call(model, {n: w.detach() for n, w in fast.items()},
+                                         (query["input_ids"], query["attention_mask"], query.get("pool")))
             query_loss = tagging_loss(logits, query["labels"])
             query_loss.backward()
             stat["query_loss"] = query_loss.item()
@@ -272,7 +273,7 @@ def ft_gradients(model, tasks, pad_id, device=None, amp=contextlib.nullcontext, 
     batch = collate(mine, pad_id, device)
     count = torch.tensor(sum(label != -100 for ex in union for label in ex["labels"]), device=batch["labels"].device)
     with amp():
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        logits = model(batch["input_ids"], batch["attention_mask"], batch.get("pool"))
     loss = tagging_loss(logits, batch["labels"], count)
     loss.backward()
     return [{"loss": loss.item()}]

@@ -63,12 +63,15 @@ class Tagger(nn.Module):
         nn.init.normal_(self.head.weight, std=self.body.config.initializer_range)
         nn.init.zeros_(self.head.bias)
 
-    def features(self, input_ids, attention_mask):
-        return self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def features(self, input_ids, attention_mask, pool=None):
+        """The body's last hidden states; with `pool` ([batch, length, length], --word-position mean: data.collate)
+        each word's scored position holds the mean of its sub-words' states."""
+        h = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return h if pool is None else torch.bmm(pool.to(h.dtype), h)
 
-    def forward(self, input_ids=None, attention_mask=None, features=None):
+    def forward(self, input_ids=None, attention_mask=None, pool=None, features=None):
         """Pass `features` (the body's output) to run only adapter+head, e.g. on cached body outputs."""
-        h = self.features(input_ids, attention_mask) if features is None else features
+        h = self.features(input_ids, attention_mask, pool) if features is None else features
         return self.head(self.adapter(h) if self.adapter is not None else h)
 
 
@@ -77,7 +80,7 @@ def body_output(model, batch, dropout=True):
     """The frozen body's output without autograd, in the model's mode; dropout=False runs it in eval mode."""
     training = model.body.training
     model.body.train(training and dropout)
-    h = model.features(batch["input_ids"], batch["attention_mask"])
+    h = model.features(batch["input_ids"], batch["attention_mask"], batch.get("pool"))
     model.body.train(training)
     return h
 

@@ -4,8 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import data
+import model
 from data import LABELS
 
 LABEL2ID = {tag: i for i, tag in enumerate(LABELS)}
@@ -85,6 +87,39 @@ def test_word_position_on_a_unigram_tokenizer(unigram_dir):
     assert cut["first"] == [(1, 0), (3, 1)] and cut["labels"][3] == LABEL2ID["B-PER"]
     with pytest.raises(ValueError, match="word_position"):
         data.encode(sentences, tok, 32, "last")
+
+
+def test_mean_word_position_pools_every_sub_word(unigram_dir):
+    """Issue P. --word-position mean: a word is held at its first-content position, with the mean of ALL its
+    sub-words' body outputs there (a character-split word: the bare marker and its character); checked against
+    the body's plain outputs averaged by hand, in the model, in the cached features and in prediction."""
+    from transformers import AutoTokenizer
+
+    import features
+    import finetune
+    from conftest import CJK
+    tok = AutoTokenizer.from_pretrained(unigram_dir)
+    sentences = [(["kavo", "z", chr(CJK), "dumeta"], ["B-PER", "O", "B-LOC", "I-LOC"]), ([chr(CJK + 1), "vo"], ["O", "O"])]
+    mean, content = (data.encode(sentences, tok, 32, rule) for rule in ("mean", "first-content"))
+    assert [ex["first"] for ex in mean] == [ex["first"] for ex in content] and mean[0]["labels"] == content[0]["labels"]
+    assert mean[0]["pieces"] == [[1, 2], [3, 4], [5, 6], [7, 8, 9]] and mean[1]["pieces"] == [[1, 2], [3, 4]]
+    assert "pieces" not in content[0]
+    batch = data.collate(mean, tok.pad_token_id)
+    tagger, _, _ = model.load_tagger(unigram_dir, data.LABELS, adapter_dim=8)
+    tagger.eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(tagger.adapter.up.weight)  # a non-identity adapter
+        plain = tagger.features(batch["input_ids"], batch["attention_mask"])
+        logits = tagger(batch["input_ids"], batch["attention_mask"], batch["pool"])
+        feats = features.word_features(tagger, mean, tok.pad_token_id)
+    for i, ex in enumerate(mean):
+        for (pos, _), positions in zip(ex["first"], ex["pieces"]):
+            pooled = plain[i, positions].mean(0)
+            assert torch.allclose(logits[i, pos], tagger.head(tagger.adapter(pooled)), atol=1e-5)
+            assert torch.allclose(feats["features"][i][[p for p, _ in ex["first"]].index(pos)], pooled, atol=1e-5)
+    unpooled = [p for p in range(batch["input_ids"].shape[1]) if p not in {q for q, _ in mean[0]["first"]}]
+    assert torch.allclose(logits[0, unpooled], tagger(batch["input_ids"], batch["attention_mask"])[0, unpooled], atol=1e-5)
+    assert finetune.predict(tagger, mean, tok.pad_token_id) == finetune.predict(tagger, mean, tok.pad_token_id, cache=feats)
 
 
 def wordpiece_tokenizers(tiny_dir, tmp_path):

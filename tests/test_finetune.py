@@ -12,6 +12,7 @@ import data
 import evaluate
 import finetune
 import model
+import prime
 
 SMALL = ["--synthetic", "--train-size", "40", "--dev-size", "20", "--test-size", "20", "--epochs", "1",
          "--batch-size", "8", "--device", "cpu"]
@@ -321,3 +322,17 @@ def test_save_model_on_a_finished_run_redoes_it_and_a_model_path_may_be_spelled_
     assert again["test_f1"] == first["test_f1"]
     argv = ["--setting", "4", "--lang", "hi", "--init", primed_dirs[finetune.PRIMING[4]], "--out", str(tmp_path / "s4")] + SMALL
     finetune.build_model(finetune.parse_args(argv + ["--model", tiny_dir.rstrip("/") + "/"]))  # the same directory: fine
+
+
+def test_mean_word_position_trains_every_path(tiny_dir, tmp_path):
+    """--word-position mean through full FT, a frozen body run per step, cached body outputs, and FT priming."""
+    for setting, extra in ((1, []), (3, []), (3, ["--cache-body"]), (2, ["--cache-body"])):
+        out = tmp_path / f"s{setting}{len(extra)}"
+        finetune.main(finetune.parse_args(["--setting", str(setting), "--lang", "hi", "--model", tiny_dir, "--out", str(out),
+                                           "--word-position", "mean"] + SMALL + extra))
+        result = json.load(open(out / "hi" / "seed1" / "result.json"))
+        assert result["config"]["word_position"] == "mean" and 0 <= result["test_f1"] <= 100
+    prime.main(prime.parse_args(["--model", tiny_dir, "--synthetic", "--mode", "ft", "--train-size", "32", "--support-size", "8",
+                                 "--query-size", "8", "--max-steps", "2", "--word-position", "mean", "--device", "cpu",
+                                 "--out", str(tmp_path / "ft")]))
+    assert (tmp_path / "ft" / "checkpoint.json").exists()
