@@ -193,6 +193,9 @@ carry_on() {  # exit code 3 = a run diverged: it is marked "diverged" in the tab
 wanted() { [[ ",$SETTINGS," == *",$1,"* ]]; }
 quoted() { printf '%q ' "$@"; }  # words as the shell reads them back (a printed command can be pasted)
 took() { echo "$(($1 / 60)) min $(($1 % 60)) s"; }
+timed() {  # timed UNIT SECONDS EXIT_CODE: one line of OUT/times.tsv per unit that ran (a resumed unit: its own time)
+  [ -n "$DRY" ] || printf '%s\t%s\t%s\t%s\t%s\n' "$(date '+%F %T')" "$1" "$2" "$3" "$JOBS" >> "$OUT/times.tsv"
+}
 
 # ---- units of work. --jobs 1: each runs in the foreground, in order, its output on the console. --jobs N > 1:
 # up to N run in the background, each in a slot (its own GPU, or nproc/N CPU threads), output in OUT/logs/UNIT.log.
@@ -227,6 +230,7 @@ reap_one() {  # wait for one running unit to end; report it; a failure stops new
        FAILED+=("$unit (exit $rc, log $log)"); [ "$FAILED_RC" -ne 0 ] || FAILED_RC=$rc ;;
   esac
   echo "[$(date +%T)] end   $unit after $(took $((SECONDS - START_OF[$pid]))): $status"
+  timed "$unit" $((SECONDS - START_OF[$pid])) "$rc"
   unset "BUSY[${SLOT_OF[$pid]}]" "UNIT_OF[$pid]" "SLOT_OF[$pid]" "START_OF[$pid]"
 }
 start_unit() {  # start_unit UNIT CMD...: in the background, in the first free slot (waits for one)
@@ -253,7 +257,11 @@ wait_units() {  # end of a pool: wait for every running unit; stop the grid if o
 launch() {  # launch UNIT CMD...
   local unit=$1; shift
   [ -z "$DRY" ] || { echo "+ $(quoted "$@")"; return 0; }  # --dry-run: say what would run
-  if [ "$JOBS" -eq 1 ]; then "$@" || carry_on $?; else start_unit "$unit" "$@"; fi
+  if [ "$JOBS" -gt 1 ]; then start_unit "$unit" "$@"; return; fi
+  local start=$SECONDS rc=0
+  "$@" || rc=$?
+  timed "$unit" $((SECONDS - start)) "$rc"
+  [ "$rc" -eq 0 ] || carry_on "$rc"
 }
 
 # What is done is decided by the scripts, not here: prime.py leaves a complete priming of the same settings as it is,
@@ -340,4 +348,4 @@ done
 wait_units
 [ -n "$DRY" ] && exit 0
 python "$HERE/evaluate.py" "$OUT"
-echo "run_table1.sh: done in $((SECONDS / 60)) min $((SECONDS % 60)) s"
+echo "run_table1.sh: done in $(took $SECONDS); each unit's time in $OUT/times.tsv (end, unit, seconds, exit code, --jobs)"

@@ -56,6 +56,9 @@ def test_smoke_preset_prints_seven_rows(reference):
             assert json.loads(result.read_text())["init"].endswith(f"prime/{name}")
     assert len(list(out.glob("finetune/s*/*/seed1/result.json"))) == 7 * len(TARGETS)
     assert (out / "table1.md").read_text() in stdout and (out / "table1.csv").exists()
+    times = [line.split("\t") for line in (out / "times.tsv").read_text().splitlines()]  # every unit timed, in order
+    assert [t[1] for t in times] == [f"prime-{name}" for name in PRIMED] + [f"s{s}" for s in range(1, 8)]
+    assert all(t[2].isdigit() and t[3:] == ["0", "1"] for t in times)
 
 
 def start(out, *options):
@@ -105,6 +108,8 @@ def test_diverged_priming_is_reported_and_the_grid_carries_on(reference, tmp_pat
     stdout = smoke(out, "--jobs", jobs, "--settings", "6", "--targets", ",".join(TARGETS), "--model", str(ref_out / "tiny-bert"))
     if jobs == "2":  # exit code 3 per unit: reported, and the other units go on
         assert all(re.search(f"end   s6-{lang} after .*: diverged \\(exit 3\\); carrying on", stdout) for lang in TARGETS)
+    times = {t.split("\t")[1]: t.split("\t")[3:] for t in (out / "times.tsv").read_text().splitlines()[-len(TARGETS):]}
+    assert times == ({f"s6-{lang}": ["3", "2"] for lang in TARGETS} if jobs == "2" else {"prime-maml": ["3", "1"], "s6": ["3", "1"]})
     rows = table_rows(stdout)
     assert rows[5] == "| 6 | MP [MAML Loop] -> AT | " + " | ".join(["diverged"] * (len(TARGETS) + 1)) + " | 0 |"
     assert rows[:5] + rows[6:] == [r for i, r in enumerate(table_rows((ref_out / "table1.md").read_text())) if i != 5]
