@@ -119,7 +119,7 @@ def load_split(lang, split, data_dir=None, synthetic=False, limit=None, task=NER
 
 
 # ----------------------------------------------------------------------------- tokenization
-WORD_POSITIONS = ("first-content", "first", "mean")
+WORD_POSITIONS = ("mean", "first-content", "first")
 
 
 def bare_marker_ids(tokenizer, ids):
@@ -130,12 +130,12 @@ def bare_marker_ids(tokenizer, ids):
     return {i for i, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])) if not text.strip()}
 
 
-def encode(sentences, tokenizer, max_len, word_position="first-content", labels=LABELS):
+def encode(sentences, tokenizer, max_len, word_position="mean", labels=LABELS):
     """Tokenize word lists; ONE sub-word of each word carries its label (its scored position), all else -100.
-    word_position "first": the word's first sub-word. "first-content" (default): its first sub-word that is not
+    word_position "first": the word's first sub-word. "first-content": its first sub-word that is not
     a bare word-boundary marker; a SentencePiece tokenizer splits a word given alone into "▁" + its
     characters when no piece starts with them, and the bare "▁" knows nothing of the word. A word that is
-    only a marker (inside max_len) keeps it. With WordPiece both rules give the same positions. "mean": the word is
+    only a marker (inside max_len) keeps it. With WordPiece both rules give the same positions. "mean" (default): the word is
     scored on the mean of ALL its sub-words' body outputs, held at its first-content position (ex["pieces"]: each
     scored word's positions, in the order of ex["first"]; collate turns them into a pooling matrix).
     Words with no sub-word inside `max_len` (long sentences, or words the tokenizer drops) are
@@ -332,11 +332,11 @@ def add_data_args(parser):
     g.add_argument("--task", type=task_name, default="ner",
                    help="ner (WikiAnn, entity F1), pos (UD part-of-speech, token accuracy), or a file listing your "
                         "tags, one per line (entity F1 if they are IOB2, else accuracy); tasks.py")
-    g.add_argument("--word-position", choices=WORD_POSITIONS, default="first-content",
-                   help="the sub-word that labels and classifies a word: its first one that is not a bare word-boundary "
-                        "marker (first-content; SentencePiece's lone \u2581), or its first one (first: the rule before "
-                        "issue N; both identical for WordPiece vocabularies such as mBERT's), or the mean of all its "
-                        "sub-words' body outputs (mean)")
+    g.add_argument("--word-position", choices=WORD_POSITIONS, default="mean",
+                   help="how a word is scored: on the mean of all its sub-words' body outputs (mean: the default since "
+                        "issue P, the best dev F1 of the three on the mini preset), on its first sub-word that is not a bare "
+                        "word-boundary marker (first-content; SentencePiece's lone \u2581), or on its first sub-word (first; "
+                        "first and first-content are identical for WordPiece vocabularies such as mBERT's)")
 
 
 if __name__ == "__main__":

@@ -260,7 +260,8 @@ def recipes_report(run_dir):
 
 
 def write_reports(run_dir, cols, rows):
-    rules = {"first": "its first sub-word", "first-content": "its first sub-word that is not a bare word-boundary marker"}
+    rules = {"first": "its first sub-word", "first-content": "its first sub-word that is not a bare word-boundary marker",
+             "mean": "the mean of all its sub-words' body outputs"}
     scored = " or ".join(f"{rules.get(r, r)} (--word-position {r})" for r in word_positions(run_dir))
     task, metric = task_of(run_dir), metric_of(run_dir)
     title = "Entity-level test F1" if metric == "f1" else "Test token accuracy"

@@ -21,18 +21,26 @@ PE = {"adapter": ADAPTER, "lora": LORA, "bitfit": BITFIT}
 
 
 def pad(examples, pad_id):
-    """(ids, mask, labels) of a list of encoded sentences, padded on the right."""
+    """(ids, mask, labels, pool) of a list of encoded sentences, padded on the right. pool (--word-position mean, when
+    the sentences carry "pieces"): per sentence a [width, width] matrix whose row at a word's labelled position
+    averages that word's sub-word positions, every other row the identity; else None."""
     width = max(len(e["input_ids"]) for e in examples)
     fill = lambda xs, v: xs + [v] * (width - len(xs))
+    pool = None
+    if "pieces" in examples[0]:
+        pool = torch.stack([torch.eye(width) for _ in examples])
+        for i, e in enumerate(examples):
+            for (pos, _), positions in zip(e["first"], e["pieces"]):
+                pool[i, pos] = torch.zeros(width).index_fill(0, torch.tensor(positions), 1 / len(positions))
     return (torch.tensor([fill(e["input_ids"], pad_id) for e in examples]),
             torch.tensor([fill([1] * len(e["input_ids"]), 0) for e in examples]),
-            torch.tensor([fill(e["labels"], -100) for e in examples]))
+            torch.tensor([fill(e["labels"], -100) for e in examples]), pool)
 
 
 def loss(model, batch, params=None):
     """Mean cross-entropy over the labelled positions; `params` replaces some of the model's (functional)."""
-    ids, mask, labels = batch
-    logits = model(ids, mask) if params is None else functional_call(model, params, (ids, mask))
+    ids, mask, labels, pool = batch
+    logits = model(ids, mask, pool) if params is None else functional_call(model, params, (ids, mask, pool))
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 

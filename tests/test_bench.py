@@ -24,10 +24,10 @@ def run_bench(monkeypatch, tiny_dir, *flags):
         seen.add(("body", torch.is_autocast_enabled("cpu")))
         return features(self, *args, **kwargs)
 
-    def spy_forward(self, input_ids=None, attention_mask=None, features=None):
+    def spy_forward(self, input_ids=None, attention_mask=None, pool=None, features=None):
         if features is not None:
             seen.add(("top", torch.is_autocast_enabled("cpu")))
-        return forward(self, input_ids, attention_mask, features)
+        return forward(self, input_ids, attention_mask, pool, features)
 
     def spy_backward(self, *args, **kwargs):
         seen.add(("backward", torch.is_autocast_enabled("cpu")))

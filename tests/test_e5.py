@@ -120,7 +120,7 @@ def test_word_alignment(loaded):
                  (["東京都", "の", "İlham", "Əliyev", "𓀀𓀁"], ["B-LOC", "O", "B-PER", "I-PER", "O"]),
                  (["\u200b", "Zürich", "\x01", "ﬁnance"], ["O", "B-LOC", "O", "B-ORG"])]  # -> only U+2581; -> nothing
     examples = data.encode(sentences, tok, 64, "first")
-    content = data.encode(sentences, tok, 64)  # the default: first-content (issue N)
+    content = data.encode(sentences, tok, 64, "first-content")  # the rule of issue N
     moved = 0
     for (words, tags), ex, new in zip(sentences, examples, content):
         word_ids = tok(words, is_split_into_words=True).word_ids()

@@ -35,8 +35,10 @@ def tagger_with(tiny_dir, method, seed=0):
     return tagger, tokenizer
 
 
-def tasks_of(tokenizer, support=4, query=5, n_langs=2):
-    by_lang = {lang: data.encode(data.load_split(lang, "train", synthetic=True, limit=60), tokenizer, 48)
+def tasks_of(tokenizer, support=4, query=5, n_langs=2, rule="mean"):
+    """Meta-batches of synthetic sentences; with the default rule (mean) ~70% of the tiny BERT's words span several
+    sub-words, so the pooling runs in every reference test (reference.pad builds its own pooling matrix)."""
+    by_lang = {lang: data.encode(data.load_split(lang, "train", synthetic=True, limit=60), tokenizer, 48, rule)
                for lang in ("en", "es", "de")[:n_langs]}
     return next(data.meta_batches(by_lang, support, query, seed=0))
 
@@ -86,6 +88,17 @@ def test_first_order_meta_gradient_equals_reference(tiny_dir, method, support_pa
     for n in ref.HEAD:
         torch.testing.assert_close(first_head[n], head[n], rtol=1e-5, atol=1e-7)
     assert all(expected[n].abs().sum() > 0 for n in ref.PE[method])  # every PE parameter has a gradient
+
+
+@pytest.mark.parametrize("support_pass", ["cached", "plain"])
+def test_first_order_meta_gradient_equals_reference_on_one_sub_word_per_word(tiny_dir, support_pass):
+    """--word-position first-content: no pooling matrix, each word read at one sub-word."""
+    tagger, tokenizer = tagger_with(tiny_dir, "adapter")
+    tasks = tasks_of(tokenizer, rule="first-content")
+    assert "pool" not in data.collate(tasks[0][0], tokenizer.pad_token_id)
+    expected, _ = ref.first_order(tagger, tasks, tokenizer.pad_token_id, ref.PE["adapter"], 5, 0.03)
+    meta.meta_gradients(tagger, tasks, tokenizer.pad_token_id, inner_names(tagger), 5, 0.03, support_pass=support_pass)
+    assert_grads(tagger, expected)
 
 
 def test_maml_loop_meta_gradient_equals_reference(tiny_dir):
@@ -226,7 +239,7 @@ def test_second_order_support_features_honour_cached_eval(tiny_dir):
 
 
 def plain_loss(m, batch):
-    return model.tagging_loss(m(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    return model.tagging_loss(m(batch["input_ids"], batch["attention_mask"], batch.get("pool")), batch["labels"])
 
 
 def test_reptile_update_equals_its_formula(tiny_dir):

@@ -222,11 +222,12 @@ def test_dropout_on_meta_gradient_equals_reference(tiny_dir, support_pass):
             if step == 0 or support_pass == "plain":
                 with torch.no_grad():
                     h = m.body(input_ids=s["input_ids"], attention_mask=s["attention_mask"]).last_hidden_state
+                    h = torch.bmm(s["pool"], h)  # each word's sub-words averaged (the default --word-position mean)
             sgd.zero_grad()
             tagging_loss(m.head(m.adapter(h)), s["labels"]).backward()
             sgd.step()
         m.zero_grad()
-        tagging_loss(m(q["input_ids"], q["attention_mask"]), q["labels"]).backward()
+        tagging_loss(m(q["input_ids"], q["attention_mask"], q["pool"]), q["labels"]).backward()
         for (n, p), c in zip(ref.named_parameters(), m.parameters()):
             if group_of(n) != "head":
                 p.grad = c.grad if p.grad is None else p.grad + c.grad
