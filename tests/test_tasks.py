@@ -126,3 +126,23 @@ def test_run_table1_pos_smoke_end_to_end(tmp_path, tiny_dir):
     assert table.startswith("Test token accuracy (--task pos)") and "| 2 | HT |" in table  # POS priming: test above
     assert "(77.42" not in table  # no paper value: the paper's numbers are NER F1
     assert "mean_accuracy" in (out / "table1.csv").read_text().splitlines()[0]
+
+
+def test_run_table1_pos_mini_chooses_its_recipes_on_a_smaller_full_ft_grid(tmp_path):
+    """--task pos --preset mini: recipes chosen on dev accuracy of af eu hu (the first 3 POS targets), full FT's first grid
+    cut to 2 x 2; every command it would run parses."""
+    r = subprocess.run(["bash", os.path.join(ROOT, "run_table1.sh"), "--task", "pos", "--preset", "mini", "--dry-run",
+                        "--out", str(tmp_path / "pos")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    commands = [shlex.split(line)[2:] for line in r.stdout.splitlines() if line.startswith("+ python")]
+    grids = {c[c.index("--group") + 1]: c for c in commands if c[0].endswith("recipe.py")}
+    assert sorted(grids) == ["adapter", "full", "head"] and all(c[c.index("--targets") + 1:][:3] == ["af", "eu", "hu"] for c in grids.values())
+    assert grids["full"][grids["full"].index("--lrs"):][:4] == ["--lrs", "1e-4,3e-4", "--epochs", "2,4"]
+    assert "--lrs" not in grids["head"] and "--lrs" not in grids["adapter"]
+    primings = [c[1:] for c in commands if c[0].endswith("prime.py")]
+    tunings = [c[1:] for c in commands if c[0].endswith("finetune.py")]
+    assert len(primings) == 4 and len(tunings) == 7  # finetune.py reads the recipes.json the grids write: not parsed here
+    for argv in primings:
+        args = prime.parse_args(argv)
+        assert args.task == "pos" and args.word_position == "mean" and args.sources == ["en", "fi"]
+    assert all(argv[argv.index("--task") + 1] == "pos" and "--recipe" in argv and "--word-position" not in argv for argv in tunings)
