@@ -65,3 +65,10 @@ def test_sweep_rebuilds_unchanged(copy, monkeypatch, run_dir):
     assert not os.path.exists(os.path.join(copy, run_dir, "sweep.md"))
     rebuild(copy, monkeypatch, "--sweep", run_dir)
     assert assert_same(copy, run_dir, ["sweep.md"]) == ["sweep.md"]
+
+
+def test_no_committed_result_names_a_path_of_the_machine_it_ran_on():
+    """A clone anywhere reads the same records: no json file under results/ holds an absolute path (runs/... relative)."""
+    absolute = [path for path in glob.glob("results/**/*.json", root_dir=ROOT, recursive=True)
+                if '": "/' in open(os.path.join(ROOT, path), encoding="utf-8").read()]
+    assert not absolute, absolute[:3]
