@@ -19,7 +19,8 @@ while [ $# -gt 0 ]; do
   esac
   shift 2
 done
-CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) HALF=$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / 2 ))
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+HALF=$((CORES / 2))
 [ "$HALF" -ge 1 ] || { echo "cpu_jobs.sh: one core only; nothing to compare" >&2; exit 2; }
 rm -rf "$OUT"; mkdir -p "$OUT"
 PRIME=(python "$HERE/prime.py" --model "$MODEL" --data-dir "$DATA_DIR" --sources en es --train-size 4000 --epochs 1 --max-steps 10)
