@@ -278,17 +278,25 @@ prime() {  # prime SETTING NAME [prime.py flags]
   launch "$unit" python "$HERE/prime.py" --model "$MODEL" "${DATA[@]}" "${SRC[@]}" "${PRIME[@]}" --seed "$PRIME_SEED" \
     --pe "$PE" --out "$dir" --resume "$@"
 }
-finetune() {  # finetune SETTING [finetune.py flags]: one unit with every target (--jobs 1), else one per target
+finetune() {  # finetune SETTING [finetune.py flags]: one unit with every target (--jobs 1), else full FT one unit per
+  # target and the other settings' targets dealt into N units (hi,az,et / af,lt,nl): a process costs ~10 s of imports
+  # and loading here, and the short units of settings 2-7 are mostly that (docs/performance.md)
   wanted "$1" || return 0
-  local s=$1 lang; shift
+  local s=$1 lang i=0 group; shift
   if [ "$JOBS" -eq 1 ]; then
     launch "$UNIT$s" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" --lang ${TARGETS//,/ } \
       --seed ${SEEDS//,/ } "${FT[@]}" --out "$FT_DIR/s$s" "$@"
     return
   fi
+  local groups=()
   for lang in ${TARGETS//,/ }; do
-    start_unit "$UNIT$s-$lang" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" --lang "$lang" \
-      --seed ${SEEDS//,/ } "${FT[@]}" --out "$FT_DIR/s$s" "$@"
+    if [ "$s" = 1 ]; then groups+=("$lang"); else groups[i % JOBS]+=" $lang"; fi
+    i=$((i + 1))
+  done
+  for group in "${groups[@]}"; do
+    group=$(echo $group)  # trimmed
+    start_unit "$UNIT$s-${group// /+}" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" \
+      --lang $group --seed ${SEEDS//,/ } "${FT[@]}" --out "$FT_DIR/s$s" "$@"
   done
 }
 

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -80,6 +81,27 @@ def cells(out, settings, langs):
     """{(setting, lang): test F1} of the grid's result.json files."""
     return {(s, lang): json.loads((out / "finetune" / f"s{s}" / lang / "seed1" / "result.json").read_text())["test_f1"]
             for s in settings for lang in langs}
+
+
+def test_tools_split_a_grids_time_by_stage_and_a_units_time_by_part(reference, tmp_path):
+    """tools/stages.py: the reference grid's times.tsv summed by stage, a fine-tuning unit's time outside its runs'
+    wall_time_s; tools/unit_profile.py: finetune.py runs as usual and its wall time is split into parts."""
+    out, _ = reference
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "stages.py"), str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    seconds = {line.split("\t")[1]: int(line.split("\t")[2]) for line in (out / "times.tsv").read_text().splitlines()}
+    outside = seconds["s1"] - sum(json.loads(f.read_text())["wall_time_s"] for f in out.glob("finetune/s1/*/seed*/result.json"))
+    assert f"  priming: 4 units, {sum(seconds[f'prime-{n}'] for n in PRIMED) / 60:.1f} unit-min\n" in run.stdout
+    assert (f"  setting 1: full FT: 1 units, {seconds['s1'] / 60:.1f} unit-min; outside training and scoring "
+            f"{outside / 60:.1f} unit-min ({outside:.1f} s per unit)\n") in run.stdout
+    flags = ["--setting", "3", "--model", str(out / "tiny-bert"), "--synthetic", "--lang", "hi", "--seed", "1", "--train-size",
+             "30", "--dev-size", "10", "--test-size", "10", "--epochs", "2", "--pe", "adapter", "--out", str(tmp_path / "s3")]
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "unit_profile.py"), *flags], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    parts = re.fullmatch(r"unit_profile: training (\S+) s, decoding (\S+) s, scoring (\S+) s, the rest (\S+) s \(imports, "
+                         r"loading, body outputs\); whole process (\S+) s", run.stdout.splitlines()[-1])
+    assert parts and abs(sum(map(float, parts.groups()[:4])) - float(parts[5])) <= 0.25
+    assert json.loads((tmp_path / "s3" / "hi" / "seed1" / "result.json").read_text())["setting"] == 3
 
 
 def test_killed_twice_then_rerun_gives_the_same_results(reference, tmp_path):
@@ -204,7 +226,14 @@ def test_every_command_of_the_cpu_presets_parses(tmp_path, preset):
             continue
         assert run.returncode == 0, run.stderr
         commands = [shlex.split(line)[2:] for line in run.stdout.splitlines() if line.startswith("+ python")]
-        assert len(commands) == {"mini": 4 + 7 * 6, "full": 4 + 6 + 4 * 4}[preset]  # mini: 2 units at a time, one per target
+        assert len(commands) == {"mini": 4 + 6 + 6 * 2, "full": 4 + 6 + 4 * 4}[preset]
+        if preset == "mini":  # 2 units at a time: full FT one per target, the other settings' six targets in two units
+            langs = {}
+            for script, *argv in commands:
+                if "--setting" in argv:
+                    langs.setdefault(argv[argv.index("--setting") + 1], []).append(argv[argv.index("--lang") + 1:argv.index("--seed")])
+            assert langs == {"1": [[t] for t in ("hi", "af", "az", "lt", "et", "nl")],
+                             **{s: [["hi", "az", "et"], ["af", "lt", "nl"]] for s in "234567"}}
         for script, *argv in commands:
             {"prime.py": prime.parse_args, "finetune.py": finetune.parse_args}[os.path.basename(script)](argv)
 
