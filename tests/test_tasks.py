@@ -141,7 +141,7 @@ def test_run_table1_pos_mini_chooses_its_recipes_on_a_smaller_full_ft_grid(tmp_p
     assert "--lrs" not in grids["head"] and "--lrs" not in grids["adapter"]
     primings = [c[1:] for c in commands if c[0].endswith("prime.py")]
     tunings = [c[1:] for c in commands if c[0].endswith("finetune.py")]
-    assert len(primings) == 4 and len(tunings) == 7 * 6  # one unit per target (--jobs 2); finetune.py reads the recipes.json
+    assert len(primings) == 4 and len(tunings) == 6 + 6 * 2  # --jobs 2: full FT per target, then 2 units per setting
     # the grids write: not parsed here
     for argv in primings:
         args = prime.parse_args(argv)
