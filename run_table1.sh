@@ -288,15 +288,15 @@ finetune() {  # finetune SETTING [finetune.py flags]: one unit with every target
       --seed ${SEEDS//,/ } "${FT[@]}" --out "$FT_DIR/s$s" "$@"
     return
   fi
-  local groups=()
+  local groups=()  # each unit's targets, joined by + (its name)
   for lang in ${TARGETS//,/ }; do
-    if [ "$s" = 1 ]; then groups+=("$lang"); else groups[i % JOBS]+=" $lang"; fi
+    if [ "$s" = 1 ]; then groups+=("$lang"); else groups[i % JOBS]+=+$lang; fi
     i=$((i + 1))
   done
   for group in "${groups[@]}"; do
-    group=$(echo $group)  # trimmed
-    start_unit "$UNIT$s-${group// /+}" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" \
-      --lang $group --seed ${SEEDS//,/ } "${FT[@]}" --out "$FT_DIR/s$s" "$@"
+    group=${group#+}
+    start_unit "$UNIT$s-$group" python "$HERE/finetune.py" --setting "$s" --model "$MODEL" "${DATA[@]}" \
+      --lang ${group//+/ } --seed ${SEEDS//,/ } "${FT[@]}" --out "$FT_DIR/s$s" "$@"
   done
 }
 

@@ -43,12 +43,12 @@ def main():
     p.add_argument("--precisions", default="fp32,bf16")
     args = p.parse_args()
     labels = TASKS["ner"].labels
+    sentences = load_split("hi", "train", args.data_dir, limit=args.sentences)
     for bf16 in [name == "bf16" for name in args.precisions.split(",")]:
         for mode in args.modes.split(","):
             torch.manual_seed(0)
             torch._dynamo.reset()
             model, tokenizer, _ = load_tagger(args.model, labels, adapter_dim=0)
-            sentences = load_split("hi", "train", args.data_dir, limit=args.sentences)
             examples = encode(sentences, tokenizer, 128, labels=labels)
             order = list(batch_indices(examples, 32, shuffle=True, seed=1))
             keep_used_rows(model, examples)  # finetune.py's default --vocab-rows used

@@ -15,8 +15,10 @@ STAGES = [("priming", "prime-"), ("recipe grids", "recipe-"), ("setting 1: full 
 
 
 def units(out):
+    """[(unit, seconds)] and the --jobs of OUT/times.tsv's first line."""
     with open(os.path.join(out, "times.tsv")) as f:
-        return [(unit, int(sec)) for _, unit, sec, *_ in (line.rstrip("\n").split("\t") for line in f if line.strip())]
+        lines = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    return [(unit, int(sec)) for _, unit, sec, *_ in lines], lines[0][-1]
 
 
 def runs_seconds(out, unit):
@@ -30,15 +32,13 @@ def runs_seconds(out, unit):
 
 
 def main(out):
-    rows = units(out)
-    total = sum(sec for _, sec in rows)
-    print(f"{out}: {len(rows)} units, {total / 60:.1f} unit-min (--jobs {open(os.path.join(out, 'times.tsv')).readline().split()[-1]})")
+    rows, jobs = units(out)
+    print(f"{out}: {len(rows)} units, {sum(sec for _, sec in rows) / 60:.1f} unit-min (--jobs {jobs})")
     for name, prefix in STAGES:
         mine = [(u, s) for u, s in rows if u.startswith(prefix)]
         if not mine:
             continue
-        rest = [(s, runs_seconds(out, u)) for u, s in mine]
-        other = [s - r for s, r in rest if r is not None]
+        other = [s - r for s, r in ((s, runs_seconds(out, u)) for u, s in mine) if r is not None]
         line = f"  {name}: {len(mine)} units, {sum(s for _, s in mine) / 60:.1f} unit-min"
         if other:
             line += f"; outside training and scoring {sum(other) / 60:.1f} unit-min ({sum(other) / len(other):.1f} s per unit)"
