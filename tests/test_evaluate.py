@@ -396,3 +396,23 @@ def test_recipes_are_reported_under_the_table(tmp_path):
     (tmp_path / "recipes.json").write_text(json.dumps({"version": 1, "groups": {"head": {"cells": 3}}}))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "recipes.json" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_claims_per_target_across_priming_runs(tmp_path):
+    """tools/claims.py: gaps and (target, priming run) counts on hand-made runs; settings 1-3 of the first directory
+    serve the second (not primed), 4-7 come from each."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for s, (hi, af) in {1: (90, 80), 2: (50, 60), 3: (55, 58), 4: (70, 75), 5: (65, 76), 6: (71, 70), 7: (69, 74)}.items():
+        write_result(a, s, "hi", 1, float(hi))
+        write_result(a, s, "af", 1, float(af))
+    for s, (hi, af) in {4: (72, 74), 5: (66, 70), 6: (60, 65), 7: (70, 73)}.items():
+        write_result(b, s, "hi", 1, float(hi))
+        write_result(b, s, "af", 1, float(af))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "claims.py"), a, b],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| (a) | 4 - 3 | +16.00 (2/2) | +16.50 (2/2) | +16.25 ± 0.35 | 4 of 4 |" in out  # hi 15 17, af 17 16
+    assert "| (b) | 4 - 5 | +2.00 (1/2) | +5.00 (2/2) | +3.50 ± 2.12 | 3 of 4 |" in out  # af -1 in a
+    assert "| (c) | 4 - 7 | +1.00 (2/2) | +1.50 (2/2) | +1.25 ± 0.35 | 4 of 4 |" in out
+    assert "| (c) | 4 - 6 | +2.00 (1/2) | +10.50 (2/2) | +6.25 ± 6.01 | 3 of 4 |" in out
+    # full FT tops both targets in both runs; af's worst is AT (58), not head tuning (60)
+    assert "full FT (1) the best of the settings run on 4 of 4 (target, priming run) pairs; head tuning (2) the worst on 2 of 4." in out
