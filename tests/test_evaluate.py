@@ -416,3 +416,8 @@ def test_claims_per_target_across_priming_runs(tmp_path):
     assert "| (c) | 4 - 6 | +2.00 (1/2) | +10.50 (2/2) | +6.25 ± 6.01 | 3 of 4 |" in out
     # full FT tops both targets in both runs; af's worst is AT (58), not head tuning (60)
     assert "full FT (1) the best of the settings run on 4 of 4 (target, priming run) pairs; head tuning (2) the worst on 2 of 4." in out
+    # a primed run alone (no settings 1-3 anywhere): (a) has no pair, said as "-", not a crash; a missing directory: one line
+    alone = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "claims.py"), b], capture_output=True, text=True)
+    assert alone.returncode == 0 and "| (a) | 4 - 3 | - | - | 0 of 0 |" in alone.stdout, alone.stderr
+    gone = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "claims.py"), str(tmp_path / "c")], capture_output=True, text=True)
+    assert gone.returncode == 1 and gone.stderr.strip() == f"claims.py: {tmp_path / 'c'} is not a directory"

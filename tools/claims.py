@@ -7,6 +7,7 @@ claim's average gap (mean over fine-tuning seeds, then over targets), per primin
 (a) meta priming (4) > adapter tuning (3); (b) 4 > FT priming (5); (c) 4 > one inner step (7) and 4 > MAML loop (6);
 (d) full FT (1) the best and head tuning (2) the worst of the settings run.
 """
+import argparse
 import os
 import statistics
 import sys
@@ -44,7 +45,7 @@ def claims(run_dirs):
             gaps.append(gap)
             wins, n = wins + sum(d > 0 for d in diffs), n + len(diffs)
             cells.append(f"{gap:+.2f} ({sum(d > 0 for d in diffs)}/{len(diffs)})")
-        across = f"{statistics.mean(gaps):+.2f}" + (f" ± {statistics.stdev(gaps):.2f}" if len(gaps) > 1 else "")
+        across = "-" if not gaps else f"{statistics.mean(gaps):+.2f}" + (f" ± {statistics.stdev(gaps):.2f}" if len(gaps) > 1 else "")
         md.append(f"| {claim} | {a} - {b} | " + " | ".join(cells) + f" | {across} | {wins} of {n} |")
     top = bottom = n = 0
     for g in per_run:
@@ -61,6 +62,10 @@ def claims(run_dirs):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    print("\n".join(claims(sys.argv[1:])))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dirs", nargs="+", help="Table 1 grids: the first with settings 1-3, the others primed with other seeds")
+    args = ap.parse_args()
+    for d in args.run_dirs:
+        if not os.path.isdir(d):
+            sys.exit(f"claims.py: {d} is not a directory")
+    print("\n".join(claims(args.run_dirs)))
