@@ -13,6 +13,7 @@
 #                         --settings 3,4 (a subset of the 7)  --prime-seed 2 (priming's seed; default 1)
 #                         --jobs N: N units at a time (default 1; mini: 2), logs in OUT/logs/; GPU per slot, else nproc/N threads
 #                         --pe adapter|lora|bitfit: the PE method primed for and tuned in settings 3-7 (default adapter)
+#                         --task ner|pos|TAGFILE: what is tagged (tasks.py; pos: ../shared/udpos, en+fi, accuracy; default ner)
 #                         --word-position mean|first-content|first: how a word is scored (data.py; default: the preset's, else mean)
 #                         --precision fp32|bf16: bf16 autocast where the body runs (--bf16 of the scripts; default: the preset's)
 #                         --curve 100,300 (or none): also settings 2-5 on the first N training sentences (full: 100,...,3000)
