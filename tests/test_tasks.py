@@ -130,14 +130,14 @@ def test_run_table1_pos_smoke_end_to_end(tmp_path, tiny_dir):
 
 def test_run_table1_pos_mini_chooses_its_recipes_on_a_smaller_full_ft_grid(tmp_path):
     """--task pos --preset mini: recipes chosen on dev accuracy of af eu hu (the first 3 POS targets), full FT's first grid
-    cut to 2 x 2; every command it would run parses."""
+    cut to 2 x 2 and not extended (4 epochs cap it); every command it would run parses."""
     r = subprocess.run(["bash", os.path.join(ROOT, "run_table1.sh"), "--task", "pos", "--preset", "mini", "--dry-run",
                         "--out", str(tmp_path / "pos")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     commands = [shlex.split(line)[2:] for line in r.stdout.splitlines() if line.startswith("+ python")]
     grids = {c[c.index("--group") + 1]: c for c in commands if c[0].endswith("recipe.py")}
     assert sorted(grids) == ["adapter", "full", "head"] and all(c[c.index("--targets") + 1:][:3] == ["af", "eu", "hu"] for c in grids.values())
-    assert grids["full"][grids["full"].index("--lrs"):][:4] == ["--lrs", "1e-4,3e-4", "--epochs", "2,4"]
+    assert grids["full"][grids["full"].index("--lrs"):][:6] == ["--lrs", "1e-4,3e-4", "--epochs", "2,4", "--max-extensions", "0"]
     assert "--lrs" not in grids["head"] and "--lrs" not in grids["adapter"]
     primings = [c[1:] for c in commands if c[0].endswith("prime.py")]
     tunings = [c[1:] for c in commands if c[0].endswith("finetune.py")]
