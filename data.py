@@ -139,7 +139,7 @@ def encode(sentences, tokenizer, max_len, word_position="mean", labels=LABELS):
     scored on the mean of ALL its sub-words' body outputs, held at its first-content position (ex["pieces"]: each
     scored word's positions, in the order of ex["first"]; collate turns them into a pooling matrix).
     Words with no sub-word inside `max_len` (long sentences, or words the tokenizer drops) are
-    kept in `words`/`tags`: prediction fills them with the first tag (O in NER) so they still count in the metric.
+    kept in `words`/`tags`: prediction fills them with O (NER) or no tag (other tasks: an error) so they still count.
     `labels`: the task's tags; a tag's id is its index."""
     label2id = {tag: i for i, tag in enumerate(labels)}
     if word_position not in WORD_POSITIONS:

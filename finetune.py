@@ -84,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--max-len", type=positive_int, default=128, help="max sub-words per sentence (longer: extra words predicted O)")
+    p.add_argument("--max-len", type=positive_int, default=128, help="max sub-words per sentence (longer: extra words predicted O in NER, counted wrong in other tasks)")
     p.add_argument("--train-size", type=positive_int, default=None, help="first N training sentences (all)")
     p.add_argument("--dev-size", type=positive_int, default=None, help="first N validation sentences (all)")
     p.add_argument("--test-size", type=positive_int, default=None, help="first N test sentences (all)")
@@ -365,7 +365,8 @@ def main(args):
         for split, examples in data.items():
             if n := unscored_words(examples):
                 print(f"{lang} {split}: {n} words lie beyond --max-len {args.max_len} "
-                      "(or have no sub-word); they are predicted O and still scored")
+                      "(or have no sub-word); " + ("they are predicted O and still scored" if "O" in task.labels
+                                                     else "they get no tag and count as errors"))
         caches = {}
         if not body_trains:  # a frozen body gives the same outputs to every epoch and seed
             cached = [split for split in ("validation", "test") if split in data] + (["train"] if args.cache_body else [])

@@ -147,3 +147,20 @@ def test_run_table1_pos_mini_chooses_its_recipes_on_a_smaller_full_ft_grid(tmp_p
         args = prime.parse_args(argv)
         assert args.task == "pos" and args.word_position == "mean" and args.sources == ["en", "fi"]
     assert all(argv[argv.index("--task") + 1] == "pos" and "--recipe" in argv and "--word-position" not in argv for argv in tunings)
+
+
+def test_a_pos_word_without_a_sub_word_is_an_error_and_the_log_says_so(tiny_dir, tmp_path, capsys):
+    """A word the tokenizer drops (a zero-width space) has no position to predict from: NER predicts it O, POS gives it
+    no tag, so it counts as an error; the log line said "predicted O" for POS too."""
+    for split in data.SPLITS:
+        (tmp_path / "hi").mkdir(exist_ok=True)
+        (tmp_path / "hi" / f"{split}.tsv").write_text("bo\tNOUN\n\u200b\tPUNCT\nka\tVERB\n\nbo\tNOUN\n")
+    finetune.main(finetune.parse_args(["--setting", "2", "--task", "pos", "--lang", "hi", "--data-dir", str(tmp_path),
+                                       "--model", tiny_dir, "--out", str(tmp_path / "o")] + SMALL))
+    out = capsys.readouterr().out
+    assert "hi test: 1 words lie beyond --max-len 128 (or have no sub-word); they get no tag and count as errors" in out
+    assert "predicted O" not in out
+    result = json.load(open(tmp_path / "o" / "hi" / "seed1" / "result.json"))
+    assert result["unscored_test_words"] == 1 and result["test_accuracy"] <= 75.0
+    gold, pred = report.read_predictions(tmp_path / "o" / "hi" / "seed1" / "predictions.conll")
+    assert gold[0][1] == "PUNCT" and pred[0][1] == "-"
