@@ -185,8 +185,7 @@ def predict(model, examples, pad_id, batch_size=128, bf16=False, cache=None, lab
     (no entity), "-" in other tasks (no tag: counted wrong). With `cache` (from word_features) only adapter+head run."""
     model.eval()
     device = next(model.parameters()).device
-    unscored = "O" if "O" in labels else "-"
-    preds = [[unscored] * len(ex["tokens"]) for ex in examples]
+    preds = [[tasks.unscored_tag(labels)] * len(ex["tokens"]) for ex in examples]
     for idx in batch_indices(examples, batch_size):
         if cache is None:
             batch = collate([examples[i] for i in idx], pad_id, device)
@@ -365,7 +364,7 @@ def main(args):
         for split, examples in data.items():
             if n := unscored_words(examples):
                 print(f"{lang} {split}: {n} words lie beyond --max-len {args.max_len} "
-                      "(or have no sub-word); " + ("they are predicted O and still scored" if "O" in task.labels
+                      "(or have no sub-word); " + ("they are predicted O and still scored" if tasks.unscored_tag(task.labels) == "O"
                                                      else "they get no tag and count as errors"))
         caches = {}
         if not body_trains:  # a frozen body gives the same outputs to every epoch and seed

@@ -102,9 +102,10 @@ case "$PRESET" in
     # lr/epochs per group: the cheapest within 0.5 of the best average dev F1 on hi az et in a small grid
     # (results/grid-e5); LoRA and BitFit: results/grid-pe (both best at the grid's 8-epoch cap, set by the 4 h budget)
     FULL=(--epochs 4 --lr 3e-4) HEAD=(--epochs 40 --lr 3e-2)  # full FT: 6 epochs is better (+3.5 dev F1) but over the budget
-    # other tasks choose their recipes (--recipe auto); full FT's grid there is 2 x 2 (NER's best lr and the one below
-    # it; 2 and 4 epochs) and not extended: 4 epochs cap it, as they cap NER's here, to keep the POS grid near issue Q's
-    # 2 CPU-hours (on POS, 3e-4 x 8 had +1.4 dev accuracy over x 4 at twice the cost; results/README.md, POS)
+    # with --recipe auto (other tasks' default; POS below has measured ones), full FT's grid for a task other than NER is
+    # 2 x 2 (NER's best lr and the one below it; 2 and 4 epochs) and not extended: 4 epochs cap it, as they cap NER's
+    # here, to keep the POS grid near issue Q's 2 CPU-hours (on POS, 3e-4 x 8 had +1.4 dev accuracy over x 4 at twice the
+    # cost; results/README.md, POS)
     [ "$TASK" = ner ] || GRID_OF[full]="--lrs 1e-4,3e-4 --epochs 2,4 --max-extensions 0"
     # the adapter: --recipe auto's choice under the mean rule (results/word-rule)
     declare -A PE_RECIPE=([adapter]="--epochs 160 --lr 3e-3" [lora]="--epochs 8 --lr 3e-3" [bitfit]="--epochs 8 --lr 3e-3")

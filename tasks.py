@@ -50,6 +50,12 @@ def get(name):
     return Task(os.path.abspath(name), tags, "f1" if is_iob2(tags) else "accuracy", "", "")
 
 
+def unscored_tag(labels):
+    """The prediction for a word with no sub-word position (beyond --max-len, or dropped by the tokenizer): O where the
+    tags have it (no entity), else "-" (no tag: an error in token accuracy)."""
+    return "O" if "O" in labels else "-"
+
+
 def scores(task, gold, pred):
     """The task's metric in % for gold and predicted tag lists per sentence: {"f1", "precision", "recall"}
     (entity micro F1) or {"accuracy"} (every word)."""
