@@ -368,11 +368,8 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (DataError, ModelError) as e:  # under torchrun every process stops; rank 0 says why
-        if dist.is_main_process():
-            print(f"prime.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Diverged as e:
-        if dist.is_main_process():
-            print(e, file=sys.stderr)
-        sys.exit(3)
+    except (DataError, ModelError, Diverged) as e:  # under torchrun every process raises it at the same point
+        if dist.is_main_process():  # rank 0 says why
+            print(e if isinstance(e, Diverged) else f"prime.py: error: {e}", file=sys.stderr)
+        dist.teardown()  # all leave the process group: one that exits still in it can abort in gloo (SIGABRT, seen in CI)
+        sys.exit(3 if isinstance(e, Diverged) else 2)
