@@ -99,8 +99,7 @@ case "$PRESET" in
     [ -n "$DATA_DIR" ] || [ ! -d "$HERE/../shared/$LOCAL" ] || DATA_DIR=$HERE/../shared/$LOCAL
     PRIME=(--train-size 4000 --epochs 1 --save-every 10)  # 62 meta-steps of 2 tasks x (32 support + 32 query)
     FT=(--train-size 1000 --dev-size 500 --test-size 1000)
-    # lr/epochs per group: the cheapest within 0.5 of the best average dev F1 on hi az et in a small grid
-    # (results/grid-e5)
+    # lr/epochs per group: the cheapest within 0.5 of the best average dev F1 on hi az et in a small grid (results/grid-e5)
     FULL=(--epochs 4 --lr 3e-4) HEAD=(--epochs 40 --lr 3e-2)  # full FT: 6 epochs is better (+3.5 dev F1) but over the budget
     # with --recipe auto (other tasks' default; POS below has measured ones), full FT's grid for a task other than NER is
     # 2 x 2 (NER's best lr and the one below it; 2 and 4 epochs) and not extended: 4 epochs cap it, as they cap NER's
