@@ -6,6 +6,7 @@ In a plain run (no WORLD_SIZE in the environment, or WORLD_SIZE=1) nothing is in
 here is a no-op or the identity, so that run is unchanged. Imports nothing of ours.
 """
 import os
+import sys
 
 import torch
 import torch.distributed as tdist
@@ -78,8 +79,19 @@ def barrier():
 
 def teardown():
     """Leave the process group together, at the end or on an error every process raised: a barrier first, so that no
-    process destroys its gloo connections while another still uses them. A process that exits still in the group can
-    abort at interpreter exit (SIGABRT from gloo's threads: seen twice in CI, once on each path, never reproduced here)."""
+    process destroys its gloo connections while another still uses them."""
     if rank_world()[1] > 1:
         tdist.barrier()
         tdist.destroy_process_group()
+
+
+def end_process(code=0):
+    """Exit with `code`. Under torchrun: os._exit after flushing, skipping interpreter finalization. A gloo worker
+    thread can still be releasing a collective's tensors after destroy_process_group; that takes the GIL, and a thread
+    that takes it during finalization is stopped inside a C++ destructor: "terminate called without an active
+    exception", SIGABRT (3 CI runs, on the normal and the error path; a race, never reproduced on an idle machine)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

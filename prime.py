@@ -366,10 +366,12 @@ def main(args):
 
 
 if __name__ == "__main__":
+    code = 0
     try:
         main(parse_args())
     except (DataError, ModelError, Diverged) as e:  # under torchrun every process raises it at the same point
         if dist.is_main_process():  # rank 0 says why
             print(e if isinstance(e, Diverged) else f"prime.py: error: {e}", file=sys.stderr)
-        dist.teardown()  # all leave the process group: one that exits still in it can abort in gloo (SIGABRT, seen in CI)
-        sys.exit(3 if isinstance(e, Diverged) else 2)
+        dist.teardown()  # all leave the process group together
+        code = 3 if isinstance(e, Diverged) else 2
+    dist.end_process(code)  # under torchrun without interpreter finalization (a gloo race: see dist.end_process)

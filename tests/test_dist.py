@@ -134,3 +134,15 @@ def test_every_process_stops_and_rank_0_says_why(tiny_dir, tmp_path, case):
     ours = r.stderr.split("failed (exitcode")[0]  # what the workers wrote, before torchrun's own report
     assert "Traceback" not in ours and f"exitcode  : {code}" in r.stderr, r.stderr[-3000:]
     assert not (tmp_path / "checkpoint.json").exists()
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_process_ends_without_interpreter_finalization(world):
+    """Under torchrun (WORLD_SIZE > 1) end_process flushes what was printed and exits with the code, skipping
+    finalization (an atexit handler stands for it: it does not run); a plain run exits as usual (it runs)."""
+    code = ("import atexit, sys, dist; atexit.register(lambda: print('finalized')); print('printed'); "
+            "print('to stderr', file=sys.stderr); dist.end_process(5)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "WORLD_SIZE": world},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 5 and r.stderr == "to stderr\n", r.stderr
+    assert r.stdout == ("printed\n" if world == "2" else "printed\nfinalized\n")
