@@ -15,12 +15,17 @@ import torch.distributed as tdist
 def setup(device):
     """Join torchrun's process group: gloo on CPU, nccl on CUDA with one GPU per process (cuda:LOCAL_RANK).
     Returns (rank, world size, the device this process uses); (0, 1, device) in a plain run."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not tdist.is_initialized():
+    if launched_by_torchrun() and not tdist.is_initialized():
         if torch.device(device).type == "cuda":
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
         tdist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     return (*rank_world(), device)
+
+
+def launched_by_torchrun():
+    """WORLD_SIZE > 1 in the environment (read before `setup`, or after a failure)."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 
 def rank_world():
@@ -89,8 +94,8 @@ def end_process(code=0):
     """Exit with `code`. Under torchrun: os._exit after flushing, skipping interpreter finalization. A gloo worker
     thread can still be releasing a collective's tensors after destroy_process_group; that takes the GIL, and a thread
     that takes it during finalization is stopped inside a C++ destructor: "terminate called without an active
-    exception", SIGABRT (3 CI runs, on the normal and the error path; a race, never reproduced on an idle machine)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    exception", SIGABRT (3 CI runs, on the normal and the error path; a race, never reproduced here)."""
+    if launched_by_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
